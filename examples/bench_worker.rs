@@ -1,0 +1,98 @@
+//! Benchmark: the cost of the worker's gRPC path over proving in-process. For a transaction and a
+//! batch, proves the same input in-process and through a worker process on loopback, taking the
+//! two in turn, and prints the medians side by side with their ratio.
+//!
+//! ```sh
+//! cargo build --locked --bins --examples && target/debug/examples/bench_worker [TX_RUNS] [BATCH_RUNS]
+//! ```
+
+#[allow(dead_code)]
+#[path = "../tests/it/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use miden_objects::MIN_PROOF_SECURITY_LEVEL;
+use miden_objects::transaction::ProvenTransaction;
+use miden_objects::utils::{Deserializable, Serializable};
+use miden_proving_service::proto::{ProofRequest, ProofType};
+use miden_tx::LocalTransactionProver;
+use miden_tx_batch_prover::LocalBatchProver;
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    let n = samples.len();
+    if n % 2 == 1 { samples[n / 2] } else { (samples[n / 2 - 1] + samples[n / 2]) / 2 }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let tx_runs: usize = args.next().map_or(Ok(3), |a| a.parse())?;
+    let batch_runs: usize = args.next().map_or(Ok(50), |a| a.parse())?;
+
+    let tx_worker = support::Launch::worker("transaction").start().await;
+    let batch_worker = support::Launch::worker("batch").start().await;
+    let sample = support::fixtures::sample_transactions(2).await?;
+    let mut tx_api = tx_worker.api().await;
+    let mut batch_api = batch_worker.api().await;
+
+    // Transaction: in-process and through gRPC, in turn.
+    let inputs = sample.inputs[0].clone();
+    let (mut local, mut remote) = (Vec::new(), Vec::new());
+    for run in 1..=tx_runs {
+        let started = Instant::now();
+        LocalTransactionProver::default().prove(inputs.clone())?;
+        local.push(started.elapsed());
+        let request =
+            ProofRequest { proof_type: ProofType::Transaction.into(), payload: inputs.to_bytes() };
+        let started = Instant::now();
+        tx_api.prove(request).await?;
+        remote.push(started.elapsed());
+        eprintln!(
+            "tx run {run}/{tx_runs}: in-process {:.3?}, gRPC {:.3?}",
+            local[run - 1],
+            remote[run - 1]
+        );
+    }
+    let (tx_local, tx_remote) = (median(local), median(remote));
+
+    // Batch: needs real transaction proofs, which the worker makes.
+    let mut proven = Vec::new();
+    for inputs in &sample.inputs {
+        let request =
+            ProofRequest { proof_type: ProofType::Transaction.into(), payload: inputs.to_bytes() };
+        let proof = tx_api.prove(request).await?.into_inner();
+        proven.push(ProvenTransaction::read_from_bytes(&proof.payload)?);
+    }
+    let batch = sample.chain.propose_transaction_batch(proven)?;
+    let payload = batch.to_bytes();
+    let (mut local, mut remote) = (Vec::new(), Vec::new());
+    for _ in 0..batch_runs {
+        let started = Instant::now();
+        LocalBatchProver::new(MIN_PROOF_SECURITY_LEVEL).prove(batch.clone())?;
+        local.push(started.elapsed());
+        let request =
+            ProofRequest { proof_type: ProofType::Batch.into(), payload: payload.clone() };
+        let started = Instant::now();
+        batch_api.prove(request).await?;
+        remote.push(started.elapsed());
+    }
+    let (batch_local, batch_remote) = (median(local), median(remote));
+
+    println!("| proof | runs | in-process median | worker gRPC median | ratio | added |");
+    println!("|---|---|---|---|---|---|");
+    for (name, runs, local, remote) in [
+        ("transaction", tx_runs, tx_local, tx_remote),
+        ("batch (2 txs)", batch_runs, batch_local, batch_remote),
+    ] {
+        println!(
+            "| {name} | {runs} | {:.3} ms | {:.3} ms | {:.4} | {:.3} ms |",
+            local.as_secs_f64() * 1e3,
+            remote.as_secs_f64() * 1e3,
+            remote.as_secs_f64() / local.as_secs_f64(),
+            (remote.as_secs_f64() - local.as_secs_f64()) * 1e3,
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! Command-line interface of `miden-proving-service`, kept compatible with the seed's
+//! (`start-worker --port 8082 --prover-type transaction`). Flags override the file and the
+//! environment (see [`crate::config`]).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{ConfigFile, DEFAULT_WORKER_CONFIG, WorkerConfigSource, WorkerFlags};
+
+/// The Miden proving service: a gRPC prover worker for transactions, batches or blocks.
+#[derive(Debug, Parser)]
+#[command(name = "miden-proving-service", version, about)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a worker that proves one kind of request at a time.
+    StartWorker(WorkerArgs),
+}
+
+/// `start-worker` flags; each overrides `MPS_WORKER_*` and the file.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// TCP port to listen on (0: any free port) [file: port, env: MPS_WORKER_PORT, default 50051].
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Listen on 127.0.0.1 only [file: localhost, env: MPS_WORKER_LOCALHOST].
+    #[arg(long)]
+    pub localhost: bool,
+    /// Proof type to serve: transaction, batch or block
+    /// [file: prover_type, env: MPS_WORKER_PROVER_TYPE, default transaction].
+    #[arg(long, visible_alias = "proof-type", value_name = "TYPE")]
+    pub prover_type: Option<String>,
+    /// Configuration file [default: /etc/miden-prover/worker.toml, skipped when absent].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+impl WorkerArgs {
+    /// The configuration sources these flags describe.
+    pub fn config_source(&self) -> WorkerConfigSource {
+        WorkerConfigSource {
+            file: ConfigFile::new(self.config.clone(), DEFAULT_WORKER_CONFIG),
+            flags: WorkerFlags {
+                port: self.port,
+                localhost: self.localhost.then_some(true),
+                prover_type: self.prover_type.clone(),
+            },
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! The Miden proving service: turns Miden transactions, batches and blocks into proofs on demand.
+//!
+//! How a request flows through the worker:
+//! `bin/miden-proving-service` parses flags ([`cli`]) and loads layered settings ([`config`]) →
+//! [`worker::daemon`] starts logging ([`telemetry`]), binds, reports readiness ([`systemd`]) and
+//! handles signals → [`worker`] admits one `Prove` call at a time and runs it on a blocking thread →
+//! [`prover`], the only module that names Miden types, decodes the payload and proves it.
+//!
+//! - [`proto`]: generated gRPC code of the wire contract (`proto/remote_prover.proto`).
+//! - [`ProofKind`]: transaction, batch or block.
+
+pub mod cli;
+pub mod config;
+mod kind;
+pub mod proto;
+pub mod prover;
+pub mod systemd;
+pub mod telemetry;
+pub mod worker;
+
+pub use kind::{ProofKind, UnknownProofKind};

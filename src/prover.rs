@@ -1,0 +1,116 @@
+//! The prover backend: the only module that names Miden types. It decodes a payload into a job,
+//! proves the job with the real Miden prover for its kind, and encodes the proof. Everything here
+//! is synchronous and CPU-bound; callers run it off the async runtime.
+
+use miden_block_prover::LocalBlockProver;
+use miden_objects::MIN_PROOF_SECURITY_LEVEL;
+use miden_objects::batch::ProposedBatch;
+use miden_objects::block::ProposedBlock;
+use miden_objects::transaction::TransactionInputs;
+use miden_objects::utils::{Deserializable, DeserializationError, Serializable};
+use miden_tx::LocalTransactionProver;
+use miden_tx_batch_prover::LocalBatchProver;
+
+use crate::ProofKind;
+
+/// Why a payload was not proved.
+#[derive(Debug, thiserror::Error)]
+pub enum ProveError {
+    /// The payload is not the serialized input its proof type names: the caller's fault.
+    #[error("payload is not a valid {input}: {source}")]
+    Decode {
+        /// The Miden type the payload should have been.
+        input: &'static str,
+        /// What the decoder found wrong.
+        #[source]
+        source: DeserializationError,
+    },
+    /// The prover rejected the input or failed while proving.
+    #[error("{kind} proving failed")]
+    Prove {
+        /// Which prover failed.
+        kind: ProofKind,
+        /// The prover's own error, with its cause chain.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A decoded request, ready to prove.
+pub struct Job {
+    input: Input,
+    /// Names what is being proved, for logs and `STATUS=`: "transaction for account 0x…",
+    /// "batch 0x…", "block 12".
+    pub subject: String,
+}
+
+enum Input {
+    Transaction(Box<TransactionInputs>),
+    Batch(Box<ProposedBatch>),
+    Block(Box<ProposedBlock>),
+}
+
+/// The Miden prover for one proof kind.
+pub struct Prover {
+    kind: ProofKind,
+    transaction: LocalTransactionProver,
+}
+
+impl Prover {
+    /// A prover for `kind` at Miden's minimum security level (what clients verify against).
+    pub fn new(kind: ProofKind) -> Self {
+        Prover { kind, transaction: LocalTransactionProver::default() }
+    }
+
+    /// Which kind this prover serves.
+    pub fn kind(&self) -> ProofKind {
+        self.kind
+    }
+
+    /// Decodes `payload` as the input of this prover's kind.
+    pub fn decode(&self, payload: &[u8]) -> Result<Job, ProveError> {
+        fn read<T: Deserializable>(payload: &[u8], input: &'static str) -> Result<T, ProveError> {
+            T::read_from_bytes(payload).map_err(|source| ProveError::Decode { input, source })
+        }
+        Ok(match self.kind {
+            ProofKind::Transaction => {
+                let inputs: TransactionInputs = read(payload, "TransactionInputs")?;
+                let subject = format!("transaction for account {}", inputs.account().id());
+                Job { input: Input::Transaction(Box::new(inputs)), subject }
+            }
+            ProofKind::Batch => {
+                let batch: ProposedBatch = read(payload, "ProposedBatch")?;
+                let subject = format!("batch {}", batch.id());
+                Job { input: Input::Batch(Box::new(batch)), subject }
+            }
+            ProofKind::Block => {
+                let block: ProposedBlock = read(payload, "ProposedBlock")?;
+                let subject = format!("block {}", block.block_num());
+                Job { input: Input::Block(Box::new(block)), subject }
+            }
+        })
+    }
+
+    /// Proves `job` and returns the serialized proof (`ProvenTransaction`, `ProvenBatch` or
+    /// `ProvenBlock`).
+    pub fn prove(&self, job: Job) -> Result<Vec<u8>, ProveError> {
+        let kind = self.kind;
+        let failed =
+            |source: Box<dyn std::error::Error + Send + Sync>| ProveError::Prove { kind, source };
+        match job.input {
+            Input::Transaction(inputs) => self
+                .transaction
+                .prove(*inputs)
+                .map(|proven| proven.to_bytes())
+                .map_err(|err| failed(Box::new(err))),
+            Input::Batch(batch) => LocalBatchProver::new(MIN_PROOF_SECURITY_LEVEL)
+                .prove(*batch)
+                .map(|proven| proven.to_bytes())
+                .map_err(|err| failed(Box::new(err))),
+            Input::Block(block) => LocalBlockProver::new(MIN_PROOF_SECURITY_LEVEL)
+                .prove(*block)
+                .map(|proven| proven.to_bytes())
+                .map_err(|err| failed(Box::new(err))),
+        }
+    }
+}

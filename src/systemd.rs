@@ -1,0 +1,64 @@
+//! The service manager protocol: `READY=1`, `STATUS=`, `RELOADING=1`, `STOPPING=1` and watchdog
+//! pings. Every call is a no-op when `NOTIFY_SOCKET` is unset, so the daemons run the same way by
+//! hand and under systemd. Send failures are logged, never fatal: a daemon that proves correctly
+//! but cannot reach its supervisor should keep proving.
+
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+
+/// Tells the service manager that start-up (or a reload) is complete, with a one-line status.
+pub fn ready(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// Updates the one-line status shown by `systemctl status`.
+pub fn status(status: &str) {
+    send(&[NotifyState::Status(status)]);
+}
+
+/// Announces a configuration reload; systemd 252 wants `MONOTONIC_USEC` beside `RELOADING=1`.
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now, NotifyState::Status("reloading")]),
+        Err(err) => {
+            tracing::warn!(%err, "cannot read the monotonic clock for MONOTONIC_USEC");
+            send(&[NotifyState::Reloading, NotifyState::Status("reloading")]);
+        }
+    }
+}
+
+/// Announces that the daemon is shutting down.
+pub fn stopping(status: &str) {
+    send(&[NotifyState::Stopping, NotifyState::Status(status)]);
+}
+
+/// The interval at which to send `WATCHDOG=1`: half of `WATCHDOG_USEC`, when the service manager
+/// asked for pings and `WATCHDOG_PID`, if set, names this process (`sd_watchdog_enabled(3)`).
+pub fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok().filter(|&usec| usec > 0)?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    Some(Duration::from_micros(usec / 2))
+}
+
+/// Sends `WATCHDOG=1` every `interval` for as long as the runtime lives. The pings come from the
+/// async runtime, so a wedged runtime stops them and systemd restarts the daemon.
+pub fn spawn_watchdog(interval: Duration) {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(interval);
+        loop {
+            ticks.tick().await;
+            send(&[NotifyState::Watchdog]);
+        }
+    });
+}
+
+fn send(states: &[NotifyState<'_>]) {
+    if let Err(err) = sd_notify::notify(false, states) {
+        tracing::warn!(%err, "cannot notify the service manager");
+    }
+}

@@ -1,0 +1,179 @@
+//! Logs and traces: journald when stderr is the journal (`JOURNAL_STREAM` names it), readable text
+//! on stdout otherwise, and OpenTelemetry trace export over OTLP/gRPC only when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set (no exporter, so no export errors, without one).
+//!
+//! The log filter sits behind a reload handle so `systemctl reload` can change it live.
+
+use std::io::IsTerminal;
+use std::os::fd::AsFd;
+
+use opentelemetry::propagation::Extractor;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
+
+/// Why telemetry could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The filter directives do not parse.
+    #[error("invalid log filter: {0}")]
+    Filter(String),
+    /// stderr is the journal but its socket cannot be opened.
+    #[error("cannot connect to journald")]
+    Journald(#[source] std::io::Error),
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set but the exporter cannot be built.
+    #[error("cannot build the OTLP trace exporter for OTEL_EXPORTER_OTLP_ENDPOINT")]
+    Otlp(#[source] opentelemetry_otlp::ExporterBuildError),
+    /// A global subscriber was already installed.
+    #[error("a tracing subscriber is already installed")]
+    AlreadyInstalled(#[source] tracing_subscriber::util::TryInitError),
+}
+
+/// Checks filter directives the way [`Telemetry::set_filter`] will apply them.
+pub fn check_filter(directives: &str) -> Result<(), String> {
+    EnvFilter::try_new(directives).map(drop).map_err(|err| format!("`{directives}`: {err}"))
+}
+
+/// The installed subscriber's live parts.
+pub struct Telemetry {
+    filter: reload::Handle<EnvFilter, Registry>,
+    tracer_provider: Option<SdkTracerProvider>,
+    /// Where log lines go, for the start-up line.
+    pub destination: &'static str,
+}
+
+impl Telemetry {
+    /// Installs the global subscriber. `service` names the daemon in journald
+    /// (`SYSLOG_IDENTIFIER`) and in exported traces (`service.name`). Call inside a tokio runtime:
+    /// the OTLP exporter uses it.
+    pub fn init(service: &'static str, directives: &str) -> Result<Telemetry, TelemetryError> {
+        let filter = EnvFilter::try_new(directives)
+            .map_err(|err| TelemetryError::Filter(format!("`{directives}`: {err}")))?;
+        let (filter, handle) = reload::Layer::new(filter);
+
+        let (journald, stdout, destination) = if stderr_is_journal() {
+            let layer = tracing_journald::layer()
+                .map_err(TelemetryError::Journald)?
+                .with_field_prefix(None)
+                .with_syslog_identifier(service.to_owned())
+                .with_priority_mappings(tracing_journald::PriorityMappings {
+                    info: tracing_journald::Priority::Informational,
+                    debug: tracing_journald::Priority::Debug,
+                    ..tracing_journald::PriorityMappings::new()
+                });
+            (Some(layer), None, "journald")
+        } else {
+            let layer = tracing_subscriber::fmt::layer()
+                .with_target(false)
+                .with_ansi(std::io::stdout().is_terminal());
+            (None, Some(layer), "stdout")
+        };
+
+        let tracer_provider = otlp_provider(service)?;
+        let otel = tracer_provider.as_ref().map(|provider| {
+            opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+            tracing_opentelemetry::layer().with_tracer(provider.tracer(service)).boxed()
+        });
+
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(journald)
+            .with(stdout)
+            .with(otel)
+            .try_init()
+            .map_err(TelemetryError::AlreadyInstalled)?;
+        Ok(Telemetry { filter: handle, tracer_provider, destination })
+    }
+
+    /// Replaces the log filter of the running daemon.
+    pub fn set_filter(&self, directives: &str) -> Result<(), TelemetryError> {
+        let filter = EnvFilter::try_new(directives)
+            .map_err(|err| TelemetryError::Filter(format!("`{directives}`: {err}")))?;
+        self.filter
+            .reload(filter)
+            .map_err(|err| TelemetryError::Filter(format!("cannot swap the filter: {err}")))
+    }
+
+    /// Whether traces are exported.
+    pub fn exports_traces(&self) -> bool {
+        self.tracer_provider.is_some()
+    }
+
+    /// Flushes spans still buffered for export.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.tracer_provider
+            && let Err(err) = provider.shutdown()
+        {
+            tracing::warn!(%err, "flushing traces at exit failed");
+        }
+    }
+}
+
+fn otlp_provider(service: &'static str) -> Result<Option<SdkTracerProvider>, TelemetryError> {
+    if std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").is_ok_and(|v| !v.trim().is_empty()) {
+        // The exporter reads the endpoint (and OTEL_EXPORTER_OTLP_* options) from the environment.
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(TelemetryError::Otlp)?;
+        let resource = opentelemetry_sdk::Resource::builder().with_service_name(service).build();
+        Ok(Some(
+            SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(resource)
+                .build(),
+        ))
+    } else {
+        Ok(None)
+    }
+}
+
+/// True when stderr is the journal stream systemd set up: `JOURNAL_STREAM` is "DEV:INODE" of it.
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+
+    let Ok(expected) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    let Ok(meta) = std::fs::File::from(fd).metadata() else {
+        return false;
+    };
+    expected == format!("{}:{}", meta.dev(), meta.ino())
+}
+
+/// Reads W3C trace context (`traceparent`, `tracestate`) from gRPC request metadata.
+pub struct MetadataExtractor<'a>(pub &'a tonic::metadata::MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|key| match key {
+                tonic::metadata::KeyRef::Ascii(key) => Some(key.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// Makes `span` a child of the trace context the caller sent, when traces are exported.
+pub fn continue_trace(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&MetadataExtractor(metadata))
+    });
+    // Fails only when the span is disabled or has no OpenTelemetry layer: then there is nothing
+    // to continue.
+    let _ = span.set_parent(parent);
+}

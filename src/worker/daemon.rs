@@ -1,0 +1,181 @@
+//! The worker as a systemd service: binds the listener, reports readiness, reloads on SIGHUP and
+//! drains on SIGTERM/SIGINT within the grace period.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use super::{Worker, error_chain, serve};
+use crate::config::{WorkerConfigSource, WorkerSettings};
+use crate::systemd;
+use crate::telemetry::Telemetry;
+
+/// Exit status for an invalid configuration (`EX_CONFIG` from sysexits.h), so a unit can set
+/// `RestartPreventExitStatus=78` instead of restarting into the same error.
+pub const EXIT_CONFIG: u8 = 78;
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Logging could not start.
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address from the configuration.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A signal handler could not be installed.
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+    /// The gRPC server failed.
+    #[error("the gRPC server failed")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+/// Runs a worker from `source` until SIGTERM; the process entry point of `start-worker`.
+pub fn main(source: &WorkerConfigSource) -> ExitCode {
+    let settings = match source.load() {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("miden-prover: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("miden-prover: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async {
+        match run(source, settings).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                let message = error_chain(&err);
+                error!("{message}");
+                eprintln!("miden-prover: {message}");
+                ExitCode::FAILURE
+            }
+        }
+    });
+    // A proof abandoned after the grace period must not hold the process open.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    code
+}
+
+async fn run(source: &WorkerConfigSource, mut settings: WorkerSettings) -> Result<(), DaemonError> {
+    let telemetry = Telemetry::init("miden-prover", &settings.log_filter)?;
+    let result = serve_until_stopped(source, &mut settings, &telemetry).await;
+    telemetry.shutdown();
+    result
+}
+
+async fn serve_until_stopped(
+    source: &WorkerConfigSource,
+    settings: &mut WorkerSettings,
+    telemetry: &Telemetry,
+) -> Result<(), DaemonError> {
+    let addr = settings.listen_addr();
+    let listener =
+        TcpListener::bind(addr).await.map_err(|source| DaemonError::Bind { addr, source })?;
+    let local = listener.local_addr().map_err(|source| DaemonError::Bind { addr, source })?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+
+    let worker = Worker::new(settings.prover_type);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(serve(worker.clone(), listener, async move {
+        let _ = stopped.await;
+    }));
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        proof_type = %worker.kind(),
+        address = %local,
+        logs = telemetry.destination,
+        traces = if telemetry.exports_traces() { "otlp" } else { "off" },
+        "worker listening on {local}"
+    );
+    systemd::ready(&worker.status_line());
+    if let Some(interval) = systemd::watchdog_interval() {
+        systemd::spawn_watchdog(interval);
+    }
+
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => reload(source, settings, telemetry, &worker),
+            result = &mut server => {
+                // The server only ends on its own when it fails.
+                return match result {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(err)) => Err(DaemonError::Serve(err)),
+                    Err(join) => panic!("the gRPC server task panicked: {join}"),
+                };
+            },
+        }
+    }
+
+    let busy = worker.is_busy();
+    info!(busy, grace_period = ?settings.grace_period, "stopping: no new requests; finishing the proof in flight");
+    systemd::stopping(if busy { "stopping: finishing the proof in flight" } else { "stopping" });
+    worker.stop_accepting();
+    let _ = stop.send(());
+    match tokio::time::timeout(settings.grace_period, &mut server).await {
+        Ok(Ok(Ok(()))) => info!("stopped"),
+        Ok(Ok(Err(err))) => return Err(DaemonError::Serve(err)),
+        Ok(Err(join)) => panic!("the gRPC server task panicked: {join}"),
+        Err(_) => warn!(
+            grace_period = ?settings.grace_period,
+            "grace period over; abandoning the proof in flight (its client gets no answer)"
+        ),
+    }
+    Ok(())
+}
+
+/// SIGHUP: re-reads the file and the environment, applies what can change live (log filter,
+/// grace period) and names what needs a restart. A broken file keeps the running configuration.
+fn reload(
+    source: &WorkerConfigSource,
+    settings: &mut WorkerSettings,
+    telemetry: &Telemetry,
+    worker: &Worker,
+) {
+    systemd::reloading();
+    match source.load() {
+        Ok(new) => {
+            let restart_only = settings.restart_only_changes(&new);
+            if !restart_only.is_empty() {
+                warn!(
+                    settings = %restart_only.join(", "),
+                    "changed settings take effect only after a restart (systemctl restart miden-prover)"
+                );
+            }
+            if new.log_filter != settings.log_filter
+                && let Err(err) = telemetry.set_filter(&new.log_filter)
+            {
+                warn!(error = %err, "keeping the previous log filter");
+            } else {
+                settings.log_filter = new.log_filter;
+            }
+            settings.grace_period = new.grace_period;
+            info!(log_filter = %settings.log_filter, grace_period = ?settings.grace_period, "configuration reloaded");
+            systemd::ready(&worker.status_line());
+        }
+        Err(err) => {
+            error!("reload failed; the running configuration stays in force: {err}");
+            let first = err.problems.first().map_or("", String::as_str);
+            systemd::ready(&format!("{}; reload failed: {first}", worker.status_line()));
+        }
+    }
+}

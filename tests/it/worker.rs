@@ -1,0 +1,314 @@
+//! The worker daemon, end to end: real proofs of each kind, every error path, signals, reload,
+//! configuration errors and journald.
+
+use std::time::{Duration, Instant};
+
+use miden_objects::MIN_PROOF_SECURITY_LEVEL;
+use miden_objects::batch::ProvenBatch;
+use miden_objects::block::ProvenBlock;
+use miden_objects::transaction::{ProvenTransaction, TransactionInputs};
+use miden_objects::utils::{Deserializable, Serializable};
+use miden_proving_service::proto::{ProofRequest, ProofType};
+use miden_tx::TransactionVerifier;
+use nix::sys::signal::Signal;
+use tonic::Code;
+
+use crate::support::fixtures::sample_transactions;
+use crate::support::{Launch, START_TIMEOUT};
+
+/// Generous bound for one real transaction proof on a loaded 2-core machine.
+const PROOF_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn request(kind: ProofType, payload: Vec<u8>) -> ProofRequest {
+    ProofRequest { proof_type: kind.into(), payload }
+}
+
+fn tx_request(inputs: &TransactionInputs) -> ProofRequest {
+    request(ProofType::Transaction, inputs.to_bytes())
+}
+
+fn verify(proof: &[u8]) -> ProvenTransaction {
+    let proven = ProvenTransaction::read_from_bytes(proof).expect("the proof decodes");
+    TransactionVerifier::new(MIN_PROOF_SECURITY_LEVEL)
+        .verify(&proven)
+        .expect("the transaction proof verifies");
+    proven
+}
+
+#[tokio::test]
+async fn proves_a_transaction_a_batch_and_a_block() {
+    let sample = sample_transactions(2).await.expect("sample transactions");
+    let tx_worker = Launch::worker("transaction").start().await;
+    let batch_worker = Launch::worker("batch").start().await;
+    let block_worker = Launch::worker("block").start().await;
+
+    let mut proven = Vec::new();
+    for inputs in &sample.inputs {
+        let proof = tx_worker.api().await.prove(tx_request(inputs)).await.expect("tx proof");
+        proven.push(verify(&proof.into_inner().payload));
+    }
+
+    let proposed_batch =
+        sample.chain.propose_transaction_batch(proven.clone()).expect("propose a batch");
+    let batch_id = proposed_batch.id();
+    let proof = batch_worker
+        .api()
+        .await
+        .prove(request(ProofType::Batch, proposed_batch.to_bytes()))
+        .await
+        .expect("batch proof")
+        .into_inner();
+    let batch = ProvenBatch::read_from_bytes(&proof.payload).expect("the batch proof decodes");
+    assert_eq!(batch.id(), batch_id);
+    assert_eq!(batch.transactions().as_slice().len(), 2);
+
+    let proposed_block = sample.chain.propose_block([batch]).expect("propose a block");
+    let block_num = proposed_block.block_num();
+    let proof = block_worker
+        .api()
+        .await
+        .prove(request(ProofType::Block, proposed_block.to_bytes()))
+        .await
+        .expect("block proof")
+        .into_inner();
+    let block = ProvenBlock::read_from_bytes(&proof.payload).expect("the block proof decodes");
+    assert_eq!(block.header().block_num(), block_num);
+}
+
+#[tokio::test]
+async fn refuses_bad_requests_clearly_and_answers_busy_at_once() {
+    let sample = sample_transactions(1).await.expect("sample transaction");
+    let mut worker = Launch::worker("transaction").start().await;
+    let mut api = worker.api().await;
+
+    // Garbage payload: INVALID_ARGUMENT that says what failed.
+    let err = api.prove(request(ProofType::Transaction, vec![1, 2, 3])).await.expect_err("garbage");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("not a valid TransactionInputs"), "{}", err.message());
+
+    // A proof type this worker does not serve: UNIMPLEMENTED.
+    let err = api.prove(request(ProofType::Batch, vec![0; 8])).await.expect_err("wrong type");
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+    assert!(err.message().contains("proves transaction requests only"), "{}", err.message());
+
+    // A proof_type number the protocol does not define: INVALID_ARGUMENT, never a transaction.
+    let unknown = ProofRequest { proof_type: 7, payload: sample.inputs[0].to_bytes() };
+    let err = api.prove(unknown).await.expect_err("unknown type");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("unknown proof_type 7"), "{}", err.message());
+
+    // Health, status and reflection.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(worker.channel().await);
+    for service in ["", "remote_prover.Api"] {
+        let check = tonic_health::pb::HealthCheckRequest { service: service.into() };
+        let status = health.check(check).await.expect("health check").into_inner().status;
+        assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    }
+    let status = worker.worker_status().await;
+    assert_eq!(status.version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(status.supported_proof_type, ProofType::Transaction as i32);
+    assert!(!status.busy);
+    let services = reflected_services(&worker).await;
+    for expected in ["remote_prover.Api", "remote_prover.WorkerStatusApi", "grpc.health.v1.Health"]
+    {
+        assert!(services.iter().any(|s| s == expected), "{expected} missing from {services:?}");
+    }
+
+    // The same worker still proves a valid request after all that; while it does, a second
+    // request is refused as busy before the first proof has ended.
+    let first = {
+        let mut api = worker.api().await;
+        let req = tx_request(&sample.inputs[0]);
+        tokio::spawn(async move { api.prove(req).await })
+    };
+    let proving = worker.notify.wait_for_status("proving transaction", PROOF_TIMEOUT).await;
+    assert!(proving.contains("for account 0x"), "{proving}");
+    let asked = Instant::now();
+    let err = api.prove(tx_request(&sample.inputs[0])).await.expect_err("busy");
+    let busy_after = asked.elapsed();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(err.message(), "Server is busy handling another request");
+    assert!(!first.is_finished(), "the busy answer must arrive while the first proof runs");
+    assert!(worker.worker_status().await.busy);
+    eprintln!("busy answer after {busy_after:?} while the first proof was running");
+
+    let proof = first.await.expect("join").expect("the first request is proved").into_inner();
+    verify(&proof.payload);
+    let status = worker.worker_status().await;
+    assert!(!status.busy);
+    assert_eq!(status.requests_served, 2, "the garbage payload and the proof");
+    worker.notify.wait_for_status("idle", START_TIMEOUT).await;
+    worker.signal(Signal::SIGTERM);
+    assert!(worker.wait(START_TIMEOUT).await.success());
+}
+
+async fn reflected_services(worker: &crate::support::Daemon) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let mut client = ServerReflectionClient::new(worker.channel().await);
+    let list = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::once(list))
+        .await
+        .expect("reflection call")
+        .into_inner();
+    let response = responses.message().await.expect("reflection answer").expect("one answer");
+    match response.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_proof_in_flight_reach_its_client() {
+    let sample = sample_transactions(1).await.expect("sample transaction");
+    let mut worker = Launch::worker("transaction").start().await;
+    let proving = {
+        let mut api = worker.api().await;
+        let req = tx_request(&sample.inputs[0]);
+        tokio::spawn(async move { api.prove(req).await })
+    };
+    worker.notify.wait_for_status("proving", PROOF_TIMEOUT).await;
+    worker.signal(Signal::SIGTERM);
+    worker.notify.wait_for_line("STOPPING=1", 0, START_TIMEOUT).await;
+
+    let proof = proving.await.expect("join").expect("the proof in flight is delivered");
+    verify(&proof.into_inner().payload);
+    let status = worker.wait(PROOF_TIMEOUT).await;
+    assert_eq!(status.code(), Some(0), "{}", worker.output());
+}
+
+#[tokio::test]
+async fn sighup_reloads_and_a_broken_file_keeps_the_running_configuration() {
+    // Everything from the file, so that editing it changes what a restart would apply.
+    let mut launch = Launch::service(&[]);
+    let config = launch.dir.path().join("worker.toml");
+    let original = "port = 0\nlocalhost = true\nprover_type = \"block\"\n";
+    std::fs::write(&config, original).expect("write config");
+    launch.command.args(["start-worker", "--config", config.to_str().expect("utf-8")]);
+    let mut worker = launch.start().await;
+
+    let edited = "port = 1\nlocalhost = true\nprover_type = \"block\"\nlog_filter = \"debug\"\n";
+    std::fs::write(&config, edited).expect("edit config");
+    let seen = worker.notify.messages().len();
+    worker.signal(Signal::SIGHUP);
+    let reloading = worker.notify.wait_for_line("RELOADING=1", seen, START_TIMEOUT).await;
+    let message = &worker.notify.messages()[reloading].text;
+    assert!(message.lines().any(|l| l.starts_with("MONOTONIC_USEC=")), "{message}");
+    worker.notify.wait_for_line("READY=1", reloading, START_TIMEOUT).await;
+    assert!(worker.output().contains("take effect only after a restart"), "{}", worker.output());
+
+    std::fs::write(&config, "port = \"x\"\n").expect("write broken config");
+    let seen = worker.notify.messages().len();
+    worker.signal(Signal::SIGHUP);
+    let reloading = worker.notify.wait_for_line("RELOADING=1", seen, START_TIMEOUT).await;
+    let ready = worker.notify.wait_for_line("READY=1", reloading, START_TIMEOUT).await;
+    let message = &worker.notify.messages()[ready].text;
+    assert!(message.contains("STATUS=idle; reload failed:"), "{message}");
+    assert!(worker.output().contains("reload failed"), "{}", worker.output());
+
+    // Still serving, with the old settings.
+    assert_eq!(worker.worker_status().await.supported_proof_type, ProofType::Block as i32);
+}
+
+#[tokio::test]
+async fn watchdog_pings_at_half_the_interval() {
+    let mut launch = Launch::worker("block");
+    launch.command.env("WATCHDOG_USEC", "200000");
+    let mut worker = launch.start().await;
+    let first = worker.notify.wait_for_line("WATCHDOG=1", 0, START_TIMEOUT).await;
+    worker.notify.wait_for_line("WATCHDOG=1", first + 1, START_TIMEOUT).await;
+}
+
+#[tokio::test]
+async fn a_bad_file_is_reported_whole_before_anything_is_bound() {
+    let mut launch = Launch::service(&[]);
+    let config = launch.dir.path().join("worker.toml");
+    std::fs::write(&config, "port = \"fifty\"\nprover_typ = \"batch\"\n").expect("write config");
+    let notify = crate::support::NotifySocket::bind(launch.dir.path());
+    let output = launch
+        .command
+        .args(["start-worker", "--localhost", "--config", config.to_str().expect("utf-8")])
+        .env("NOTIFY_SOCKET", &notify.path)
+        .output()
+        .expect("run the worker");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(78), "EX_CONFIG; stderr: {stderr}");
+    assert!(stderr.contains("2 problems"), "{stderr}");
+    assert!(stderr.contains("worker.toml: key `port`"), "{stderr}");
+    assert!(stderr.contains("worker.toml: key `prover_typ`: unknown key"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!stdout.contains("listening"), "nothing may be bound: {stdout}");
+    assert!(notify.messages().is_empty(), "no READY=1: {:?}", notify.messages());
+}
+
+#[tokio::test]
+async fn flags_beat_environment_beat_file() {
+    let mut launch = Launch::worker("block");
+    let config = launch.dir.path().join("worker.toml");
+    std::fs::write(&config, "prover_type = \"transaction\"\nlocalhost = true\n").expect("config");
+    // The environment beats the file; the --prover-type flag (block) beats the environment.
+    launch.command.env("MPS_WORKER_PROVER_TYPE", "batch");
+    let worker = launch.start().await;
+    assert_eq!(worker.worker_status().await.supported_proof_type, ProofType::Block as i32);
+    assert!(worker.addr.ip().is_loopback());
+}
+
+#[tokio::test]
+async fn logs_reach_journald_with_priority_and_span_fields() {
+    let journal = tempfile::NamedTempFile::new().expect("journal output file");
+    let mut launch = Launch::worker("transaction");
+    let worker_cmd: Vec<String> = std::iter::once(launch.command.get_program())
+        .chain(launch.command.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect();
+    let mut command = std::process::Command::new(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/journald.sh"),
+    );
+    command.arg(journal.path()).args(&worker_cmd);
+    crate::support::clean_env(&mut command);
+    launch.command = command;
+    let mut worker = launch.start().await;
+
+    let err = worker
+        .api()
+        .await
+        .prove(request(ProofType::Transaction, vec![9; 16]))
+        .await
+        .expect_err("garbage");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    worker.signal(Signal::SIGTERM);
+    assert!(worker.wait(START_TIMEOUT).await.success(), "{}", worker.output());
+
+    let entries: Vec<serde_json::Value> = std::fs::read_to_string(journal.path())
+        .expect("journal dump")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("journal JSON"))
+        .collect();
+    let field =
+        |e: &serde_json::Value, k: &str| e.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    let started = entries
+        .iter()
+        .find(|e| field(e, "MESSAGE").is_some_and(|m| m.starts_with("worker listening on")))
+        .unwrap_or_else(|| panic!("no start line in {entries:#?}"));
+    assert_eq!(field(started, "PRIORITY").as_deref(), Some("6"));
+    assert_eq!(field(started, "SYSLOG_IDENTIFIER").as_deref(), Some("miden-prover"));
+    assert_eq!(field(started, "PROOF_TYPE").as_deref(), Some("transaction"));
+    let failed = entries
+        .iter()
+        .find(|e| field(e, "MESSAGE").as_deref() == Some("proof failed"))
+        .unwrap_or_else(|| panic!("no 'proof failed' line in {entries:#?}"));
+    assert_eq!(field(failed, "PRIORITY").as_deref(), Some("4"));
+    assert_eq!(field(failed, "OUTCOME").as_deref(), Some("invalid_payload"));
+    assert_eq!(field(failed, "SPAN_NAME").as_deref(), Some("prove"), "span recorded");
+    assert_eq!(field(failed, "PROOF_TYPE").as_deref(), Some("transaction"), "span field");
+    assert!(field(failed, "ERROR").is_some_and(|e| e.contains("TransactionInputs")));
+}
