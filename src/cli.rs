@@ -27,14 +27,14 @@ pub enum Command {
 /// `start-worker` flags; each overrides `MPS_WORKER_*` and the file.
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// TCP port to listen on (0: any free port) [file: port, env: MPS_WORKER_PORT, default 50051].
+    /// TCP port to listen on (0: any free port) [file: `port`, env: `MPS_WORKER_PORT`, default 50051].
     #[arg(long)]
     pub port: Option<u16>,
-    /// Listen on 127.0.0.1 only [file: localhost, env: MPS_WORKER_LOCALHOST].
+    /// Listen on 127.0.0.1 only [file: `localhost`, env: `MPS_WORKER_LOCALHOST`].
     #[arg(long)]
     pub localhost: bool,
     /// Proof type to serve: transaction, batch or block
-    /// [file: prover_type, env: MPS_WORKER_PROVER_TYPE, default transaction].
+    /// [file: `prover_type`, env: `MPS_WORKER_PROVER_TYPE`, default transaction].
     #[arg(long, visible_alias = "proof-type", value_name = "TYPE")]
     pub prover_type: Option<String>,
     /// Configuration file [default: /etc/miden-prover/worker.toml, skipped when absent].

@@ -312,7 +312,7 @@ impl<'a> Check<'a> {
     }
 }
 
-/// "PATH: key `KEY`", "environment variable MPS_WORKER_PORT", "command-line flag --port".
+/// "PATH: key `KEY`", "environment variable `MPS_WORKER_PORT`", "command-line flag `--port`".
 fn origin(metadata: Option<&Metadata>, key: &str, env_prefix: &str) -> String {
     let Some(metadata) = metadata else {
         return format!("key `{key}`");
@@ -338,6 +338,7 @@ fn describe_figment_error(err: &figment::Error, path: &Path) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error.
 mod tests {
     use figment::Jail;
 

@@ -28,6 +28,9 @@ use crate::{ProofKind, systemd, telemetry};
 /// few hundred KB; blocks of many batches are larger. Tonic's 4 MiB default would cut them off.
 pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 
+/// HTTP/2 flow-control window for streams and connections.
+const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
+
 /// The answer to a `Prove` call that is not a proof.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -149,7 +152,7 @@ impl Worker {
 
     /// The one-line state for `STATUS=`: "idle" or "proving transaction for account 0x…".
     pub fn status_line(&self) -> String {
-        self.inner.status.lock().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.inner.status.lock().map_or_else(|p| p.into_inner().clone(), |s| s.clone())
     }
 
     fn set_status(&self, line: String) {
@@ -194,10 +197,10 @@ impl Worker {
             let duration_ms = started.elapsed().as_millis();
             match &result {
                 Ok(proof) => {
-                    info!(outcome = "proved", duration_ms, proof_bytes = proof.len(), "proof done")
+                    info!(outcome = "proved", duration_ms, proof_bytes = proof.len(), "proof done");
                 }
                 Err(err) => {
-                    warn!(outcome = err.outcome(), duration_ms, error = %error_chain(err), "proof failed")
+                    warn!(outcome = err.outcome(), duration_ms, error = %error_chain(err), "proof failed");
                 }
             }
             result
@@ -288,6 +291,11 @@ pub async fn serve(
         health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     };
     tonic::transport::Server::builder()
+        // Windows that fit a whole request: with HTTP/2's 64 KiB default a 170 KB batch waits
+        // for several WINDOW_UPDATE round trips before the worker has all of it.
+        .initial_stream_window_size(Some(WINDOW_SIZE))
+        .initial_connection_window_size(Some(WINDOW_SIZE))
+        .max_frame_size(Some(1 << 20))
         .accept_http1(true)
         .layer(tonic_web::GrpcWebLayer::new())
         .add_service(

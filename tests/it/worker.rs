@@ -204,7 +204,7 @@ async fn sighup_reloads_and_a_broken_file_keeps_the_running_configuration() {
     let message = &worker.notify.messages()[reloading].text;
     assert!(message.lines().any(|l| l.starts_with("MONOTONIC_USEC=")), "{message}");
     worker.notify.wait_for_line("READY=1", reloading, START_TIMEOUT).await;
-    assert!(worker.output().contains("take effect only after a restart"), "{}", worker.output());
+    worker.wait_for_output("take effect only after a restart", START_TIMEOUT).await;
 
     std::fs::write(&config, "port = \"x\"\n").expect("write broken config");
     let seen = worker.notify.messages().len();
@@ -213,7 +213,7 @@ async fn sighup_reloads_and_a_broken_file_keeps_the_running_configuration() {
     let ready = worker.notify.wait_for_line("READY=1", reloading, START_TIMEOUT).await;
     let message = &worker.notify.messages()[ready].text;
     assert!(message.contains("STATUS=idle; reload failed:"), "{message}");
-    assert!(worker.output().contains("reload failed"), "{}", worker.output());
+    worker.wait_for_output("reload failed", START_TIMEOUT).await;
 
     // Still serving, with the old settings.
     assert_eq!(worker.worker_status().await.supported_proof_type, ProofType::Block as i32);
@@ -311,4 +311,60 @@ async fn logs_reach_journald_with_priority_and_span_fields() {
     assert_eq!(field(failed, "SPAN_NAME").as_deref(), Some("prove"), "span recorded");
     assert_eq!(field(failed, "PROOF_TYPE").as_deref(), Some("transaction"), "span field");
     assert!(field(failed, "ERROR").is_some_and(|e| e.contains("TransactionInputs")));
+}
+
+#[tokio::test]
+async fn grpc_web_over_http1_reaches_the_worker() {
+    use prost::Message;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let worker = Launch::worker("batch").start().await;
+    let mut stream = tokio::net::TcpStream::connect(worker.addr).await.expect("connect");
+    let head = format!(
+        "POST /remote_prover.WorkerStatusApi/Status HTTP/1.1\r\nHost: {}\r\n\
+         Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\nContent-Length: 5\r\n\
+         Connection: close\r\n\r\n",
+        worker.addr
+    );
+    stream.write_all(head.as_bytes()).await.expect("send head");
+    stream.write_all(&[0, 0, 0, 0, 0]).await.expect("send the empty message frame");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read the response");
+
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").expect("end of headers");
+    let head = String::from_utf8_lossy(&response[..split]).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-type: application/grpc-web+proto"), "{head}");
+    let mut body = response[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    // gRPC-web frames: flag byte, 4-byte big-endian length, data; flag 0x80 marks trailers.
+    let mut frames = Vec::new();
+    let mut rest = &body[..];
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        frames.push((rest[0], rest[5..5 + len].to_vec()));
+        rest = &rest[5 + len..];
+    }
+    let (_, data) = frames.iter().find(|(flag, _)| *flag == 0).expect("a data frame");
+    let status = miden_proving_service::proto::WorkerStatus::decode(&data[..]).expect("decode");
+    assert_eq!(status.supported_proof_type, ProofType::Batch as i32);
+    let (_, trailers) = frames.iter().find(|(flag, _)| *flag == 0x80).expect("a trailer frame");
+    assert!(String::from_utf8_lossy(trailers).contains("grpc-status:0"), "{trailers:?}");
+}
+
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = body.windows(2).position(|w| w == b"\r\n").expect("chunk size line");
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&body[..line_end]).expect("ascii"), 16)
+                .expect("hex chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&body[line_end + 2..line_end + 2 + size]);
+        body = &body[line_end + 2 + size + 2..];
+    }
 }

@@ -123,9 +123,8 @@ impl NotifySocket {
             {
                 return index;
             }
-            if tokio::time::timeout_at(deadline, self.changed.changed()).await.is_err() {
-                panic!("no `{line}` within {timeout:?}; received: {:?}", self.messages());
-            }
+            let changed = tokio::time::timeout_at(deadline, self.changed.changed()).await;
+            assert!(changed.is_ok(), "no `{line}` within {timeout:?}; got: {:?}", self.messages());
         }
     }
 
@@ -142,9 +141,12 @@ impl NotifySocket {
             }) {
                 return status;
             }
-            if tokio::time::timeout_at(deadline, self.changed.changed()).await.is_err() {
-                panic!("no STATUS={prefix}… within {timeout:?}; received: {:?}", self.messages());
-            }
+            let changed = tokio::time::timeout_at(deadline, self.changed.changed()).await;
+            assert!(
+                changed.is_ok(),
+                "no STATUS={prefix}… in {timeout:?}; got: {:?}",
+                self.messages()
+            );
         }
     }
 }
@@ -161,8 +163,10 @@ pub struct Daemon {
     pub notify: NotifySocket,
     /// Its stdout and stderr lines, as they arrive.
     pub output: Arc<Mutex<Vec<String>>>,
+    /// Bumped for every output line.
+    output_changed: tokio::sync::watch::Receiver<usize>,
     /// Keeps the notify socket's directory alive.
-    pub dir: TempDir,
+    pub _dir: TempDir,
 }
 
 /// How to start a daemon.
@@ -209,6 +213,8 @@ impl Launch {
         command.env("NOTIFY_SOCKET", &notify.path).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = command.spawn().expect("spawn the daemon");
         let output = Arc::new(Mutex::new(Vec::new()));
+        let (output_tx, output_changed) = tokio::sync::watch::channel(0usize);
+        let output_tx = Arc::new(output_tx);
         for stream in [
             child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
             child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
@@ -217,10 +223,16 @@ impl Launch {
         .flatten()
         {
             let sink = Arc::clone(&output);
+            let tx = Arc::clone(&output_tx);
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     eprintln!("    daemon| {line}");
-                    sink.lock().expect("output").push(line);
+                    let count = {
+                        let mut lines = sink.lock().expect("output");
+                        lines.push(line);
+                        lines.len()
+                    };
+                    let _ = tx.send(count);
                 }
             });
         }
@@ -233,7 +245,7 @@ impl Launch {
         };
         let pid = notify.messages()[ready].pid;
         let addr = *listening_addrs(pid).first().expect("a ready daemon listens on a TCP port");
-        Daemon { child, pid, addr, notify, output, dir }
+        Daemon { child, pid, addr, notify, output, output_changed, _dir: dir }
     }
 }
 
@@ -302,6 +314,15 @@ impl Daemon {
         tokio::time::timeout(timeout, wait_exit(&mut self.child))
             .await
             .expect("the daemon exits in time")
+    }
+
+    /// Waits until the daemon has printed a line containing `text`.
+    pub async fn wait_for_output(&mut self, text: &str, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.output().contains(text) {
+            let changed = tokio::time::timeout_at(deadline, self.output_changed.changed()).await;
+            assert!(changed.is_ok(), "no `{text}` printed in {timeout:?}:\n{}", self.output());
+        }
     }
 
     /// Everything it printed so far.
