@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{ConfigFile, DEFAULT_WORKER_CONFIG, WorkerConfigSource, WorkerFlags};
+use crate::config::{
+    ConfigFile, DEFAULT_PROXY_CONFIG, DEFAULT_WORKER_CONFIG, ProxyConfigSource, ProxyFlags,
+    WorkerConfigSource, WorkerFlags,
+};
 
 /// The Miden proving service: a gRPC prover worker for transactions, batches or blocks.
 #[derive(Debug, Parser)]
@@ -22,6 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Start a worker that proves one kind of request at a time.
     StartWorker(WorkerArgs),
+    /// Start a proxy that queues requests and spreads them over workers.
+    StartProxy(ProxyArgs),
 }
 
 /// `start-worker` flags; each overrides `MPS_WORKER_*` and the file.
@@ -51,6 +56,49 @@ impl WorkerArgs {
                 port: self.port,
                 localhost: self.localhost.then_some(true),
                 prover_type: self.prover_type.clone(),
+            },
+        }
+    }
+}
+
+/// `start-proxy` flags; each overrides `MPS_*` and the file.
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// Workers as `host:port`; given here they replace the file's `workers` list.
+    #[arg(value_name = "WORKER")]
+    pub workers: Vec<String>,
+    /// Proof type to serve: transaction, batch or block [file: `prover_type`, env: `MPS_PROVER_TYPE`].
+    #[arg(long, visible_alias = "proof-type", value_name = "TYPE")]
+    pub prover_type: Option<String>,
+    /// Address every listener binds [file: `bind_address`, env: `MPS_BIND_ADDRESS`, default 0.0.0.0].
+    #[arg(long, value_name = "IP")]
+    pub bind_address: Option<String>,
+    /// gRPC and gRPC-web port [file: `port`, env: `MPS_PORT`, default 8082].
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// JSON status port [file: `status_port`, env: `MPS_STATUS_PORT`, default 8083].
+    #[arg(long)]
+    pub status_port: Option<u16>,
+    /// Prometheus metrics port [file: `metrics_port`, env: `MPS_METRICS_PORT`, default off].
+    #[arg(long)]
+    pub metrics_port: Option<u16>,
+    /// Configuration file [default: /etc/miden-prover-proxy/proxy.toml, skipped when absent].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+impl ProxyArgs {
+    /// The configuration sources these flags describe.
+    pub fn config_source(&self) -> ProxyConfigSource {
+        ProxyConfigSource {
+            file: ConfigFile::new(self.config.clone(), DEFAULT_PROXY_CONFIG),
+            flags: ProxyFlags {
+                workers: (!self.workers.is_empty()).then(|| self.workers.clone()),
+                prover_type: self.prover_type.clone(),
+                bind_address: self.bind_address.clone(),
+                port: self.port,
+                status_port: self.status_port,
+                metrics_port: self.metrics_port,
             },
         }
     }

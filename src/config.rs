@@ -138,7 +138,7 @@ impl WorkerConfigSource {
         let figment = layered(
             Serialized::defaults(WORKER_DEFAULTS),
             &self.file,
-            "MPS_WORKER_",
+            Env::prefixed("MPS_WORKER_"),
             FlagProvider(&self.flags),
         );
         let mut check = Check::new(&figment, &self.file, "MPS_WORKER_")?;
@@ -160,6 +160,218 @@ impl WorkerConfigSource {
             _ => unreachable!("Check::finish fails when any key failed"),
         }
     }
+}
+
+// PROXY
+// ================================================================================================
+
+/// Where the proxy reads its file when `--config` is not given.
+pub const DEFAULT_PROXY_CONFIG: &str = "/etc/miden-prover-proxy/proxy.toml";
+
+/// The proxy's built-in defaults (upstream's where it had one); every key the file accepts.
+#[derive(Serialize)]
+struct ProxyDefaults {
+    workers: Vec<String>,
+    prover_type: &'static str,
+    bind_address: &'static str,
+    port: u16,
+    status_port: u16,
+    metrics_port: Option<u16>,
+    timeout: &'static str,
+    connection_timeout: &'static str,
+    max_queue_items: usize,
+    max_queue_wait: &'static str,
+    max_retries_per_request: u32,
+    max_req_per_sec: u32,
+    health_check_interval: &'static str,
+    health_check_timeout: &'static str,
+    grace_period: &'static str,
+    graceful_shutdown_timeout: &'static str,
+    log_filter: &'static str,
+}
+
+const PROXY_DEFAULTS: ProxyDefaults = ProxyDefaults {
+    workers: Vec::new(),
+    prover_type: "transaction",
+    bind_address: "0.0.0.0",
+    port: 8082,
+    status_port: 8083,
+    metrics_port: None,
+    timeout: "100s",
+    connection_timeout: "10s",
+    max_queue_items: 10,
+    max_queue_wait: "100s",
+    max_retries_per_request: 1,
+    max_req_per_sec: 5,
+    health_check_interval: "10s",
+    health_check_timeout: "2s",
+    grace_period: "20s",
+    graceful_shutdown_timeout: "5s",
+    log_filter: "info",
+};
+
+const PROXY_KEYS: &[&str] = &[
+    "workers",
+    "prover_type",
+    "bind_address",
+    "port",
+    "status_port",
+    "metrics_port",
+    "timeout",
+    "connection_timeout",
+    "max_queue_items",
+    "max_queue_wait",
+    "max_retries_per_request",
+    "max_req_per_sec",
+    "health_check_interval",
+    "health_check_timeout",
+    "grace_period",
+    "graceful_shutdown_timeout",
+    "log_filter",
+];
+
+/// Validated proxy settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxySettings {
+    /// Workers from the configuration, `host:port` each.
+    pub workers: Vec<String>,
+    /// The proof type this proxy accepts; workers of another type are marked unhealthy.
+    pub prover_type: ProofKind,
+    /// Address every listener binds (0.0.0.0 by default; 127.0.0.1 keeps it local).
+    pub bind_address: IpAddr,
+    /// gRPC (h2c) and gRPC-web port.
+    pub port: u16,
+    /// Port of the JSON `GET /status` endpoint.
+    pub status_port: u16,
+    /// Port of the Prometheus `GET /metrics` endpoint; `None` turns metrics off.
+    pub metrics_port: Option<u16>,
+    /// How long one attempt on a worker may take.
+    pub timeout: Duration,
+    /// How long connecting to a worker may take.
+    pub connection_timeout: Duration,
+    /// Requests that may wait for a worker at once; more get `RESOURCE_EXHAUSTED`.
+    pub max_queue_items: usize,
+    /// How long a request may wait in the queue for a healthy free worker.
+    pub max_queue_wait: Duration,
+    /// Further attempts on other workers after a worker failed, was busy or died.
+    pub max_retries_per_request: u32,
+    /// Requests per second one client IP may make; more get `RESOURCE_EXHAUSTED`.
+    pub max_req_per_sec: u32,
+    /// How often every worker's health is checked.
+    pub health_check_interval: Duration,
+    /// How long one health check may take.
+    pub health_check_timeout: Duration,
+    /// On SIGTERM, how long queued and in-flight requests may take to finish.
+    pub grace_period: Duration,
+    /// After the grace period, how long connections get to close.
+    pub graceful_shutdown_timeout: Duration,
+    /// Log filter directives (`RUST_LOG` syntax).
+    pub log_filter: String,
+}
+
+/// Values given on the command line; `None` leaves the lower layers in force.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProxyFlags {
+    /// Positional worker addresses.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<Vec<String>>,
+    /// `--prover-type` / `--proof-type`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prover_type: Option<String>,
+    /// `--bind-address`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind_address: Option<String>,
+    /// `--port`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// `--status-port`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_port: Option<u16>,
+    /// `--metrics-port`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_port: Option<u16>,
+}
+
+/// Everything needed to (re)load the proxy's configuration.
+#[derive(Clone, Debug)]
+pub struct ProxyConfigSource {
+    /// The TOML file, and whether `--config` named it.
+    pub file: ConfigFile,
+    /// Command-line values, the top layer.
+    pub flags: ProxyFlags,
+}
+
+impl ProxyConfigSource {
+    /// Loads and validates the layered configuration, reporting every problem at once.
+    pub fn load(&self) -> Result<ProxySettings, ConfigError> {
+        // `MPS_WORKER_*` belong to a worker that may share the environment.
+        let env = Env::prefixed("MPS_").filter(|key| !key.as_str().starts_with("worker_"));
+        let figment = layered(
+            Serialized::defaults(PROXY_DEFAULTS),
+            &self.file,
+            env,
+            FlagProvider(&self.flags),
+        );
+        let mut check = Check::new(&figment, &self.file, "MPS_")?;
+        check.unknown_keys(PROXY_KEYS);
+        let workers = check.workers("workers");
+        let prover_type = check.parse("prover_type", |s: String| s.parse::<ProofKind>());
+        let bind_address = check.parse("bind_address", |s: String| {
+            s.parse::<IpAddr>().map_err(|err| format!("`{s}` is not an IP address: {err}"))
+        });
+        let port = check.get::<u16>("port");
+        let status_port = check.get::<u16>("status_port");
+        let metrics_port = check.optional::<u16>("metrics_port");
+        let timeout = check.duration("timeout");
+        let connection_timeout = check.duration("connection_timeout");
+        let max_queue_items = check.get::<usize>("max_queue_items");
+        let max_queue_wait = check.duration("max_queue_wait");
+        let max_retries_per_request = check.get::<u32>("max_retries_per_request");
+        let max_req_per_sec = check.get::<u32>("max_req_per_sec");
+        let health_check_interval = check.duration("health_check_interval");
+        let health_check_timeout = check.duration("health_check_timeout");
+        let grace_period = check.duration("grace_period");
+        let graceful_shutdown_timeout = check.duration("graceful_shutdown_timeout");
+        let log_filter = check.log_filter("log_filter");
+        check.finish()?;
+        Ok(ProxySettings {
+            workers: workers.unwrap_or_else(missing),
+            prover_type: prover_type.unwrap_or_else(missing),
+            bind_address: bind_address.unwrap_or_else(missing),
+            port: port.unwrap_or_else(missing),
+            status_port: status_port.unwrap_or_else(missing),
+            metrics_port: metrics_port.unwrap_or_else(missing),
+            timeout: timeout.unwrap_or_else(missing),
+            connection_timeout: connection_timeout.unwrap_or_else(missing),
+            max_queue_items: max_queue_items.unwrap_or_else(missing),
+            max_queue_wait: max_queue_wait.unwrap_or_else(missing),
+            max_retries_per_request: max_retries_per_request.unwrap_or_else(missing),
+            max_req_per_sec: max_req_per_sec.unwrap_or_else(missing),
+            health_check_interval: health_check_interval.unwrap_or_else(missing),
+            health_check_timeout: health_check_timeout.unwrap_or_else(missing),
+            grace_period: grace_period.unwrap_or_else(missing),
+            graceful_shutdown_timeout: graceful_shutdown_timeout.unwrap_or_else(missing),
+            log_filter: log_filter.unwrap_or_else(missing),
+        })
+    }
+}
+
+/// Stands in for a value `Check::finish` guarantees to be present.
+fn missing<T>() -> T {
+    unreachable!("Check::finish fails when any key failed")
+}
+
+/// Checks a worker address: `host:port`, where host is a name or an IP (IPv6 in brackets).
+pub fn check_worker_address(address: &str) -> Result<(), String> {
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{address}` is not host:port (no port)"))?;
+    port.parse::<u16>().map_err(|_| format!("`{address}`: `{port}` is not a port number"))?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/' || c == '@') {
+        return Err(format!("`{address}`: `{host}` is not a host name or IP address"));
+    }
+    Ok(())
 }
 
 // SHARED MACHINERY
@@ -187,7 +399,7 @@ impl ConfigFile {
 fn layered(
     defaults: impl Provider,
     file: &ConfigFile,
-    env_prefix: &str,
+    env: impl Provider,
     flags: impl Provider,
 ) -> Figment {
     let mut figment = Figment::new().merge(defaults);
@@ -196,7 +408,7 @@ fn layered(
     if file.path.exists() {
         figment = figment.merge(Toml::file_exact(&file.path));
     }
-    figment.merge(Env::prefixed(env_prefix)).merge(flags)
+    figment.merge(env).merge(flags)
 }
 
 /// Serves command-line values to figment under the name "command-line flag", so problems name
@@ -291,6 +503,26 @@ impl<'a> Check<'a> {
             humantime::parse_duration(&s)
                 .map_err(|err| format!("`{s}` is not a duration like \"100s\" or \"20ms\": {err}"))
         })
+    }
+
+    /// A key whose default is "unset": `None` when the key failed, `Some(None)` when unset.
+    #[allow(clippy::option_option)]
+    fn optional<T: DeserializeOwned>(&mut self, key: &str) -> Option<Option<T>> {
+        if self.figment.contains(key) { self.get::<T>(key).map(Some) } else { Some(None) }
+    }
+
+    /// A list of worker addresses; each is checked, and every bad one reported.
+    fn workers(&mut self, key: &str) -> Option<Vec<String>> {
+        let list = self.get::<Vec<String>>(key)?;
+        let mut ok = true;
+        for address in &list {
+            if let Err(err) = check_worker_address(address) {
+                let origin = self.origin(key);
+                self.problems.push(format!("{origin}: {err}"));
+                ok = false;
+            }
+        }
+        ok.then_some(list)
     }
 
     /// A `tracing` filter; `RUST_LOG`, when set, takes the place of the configured value.

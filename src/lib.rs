@@ -14,6 +14,7 @@ pub mod config;
 mod kind;
 pub mod proto;
 pub mod prover;
+pub mod proxy;
 pub mod systemd;
 pub mod telemetry;
 pub mod worker;

@@ -4,10 +4,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use miden_proving_service::cli::{Cli, Command};
-use miden_proving_service::worker;
+use miden_proving_service::{proxy, worker};
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::StartWorker(args) => worker::daemon::main(&args.config_source()),
+        Command::StartProxy(args) => proxy::daemon::main(&args.config_source()),
     }
 }

@@ -190,6 +190,11 @@ impl Launch {
 
     /// A worker for `kind` on 127.0.0.1 at a free port.
     pub fn worker(kind: &str) -> Self {
+        Launch::worker_at(kind, 0)
+    }
+
+    /// A worker for `kind` on 127.0.0.1 at `port` (0: a free one).
+    pub fn worker_at(kind: &str, port: u16) -> Self {
         let mut launch = Launch::service(&[]);
         let config = launch.dir.path().join("worker.toml");
         std::fs::write(&config, "").expect("empty worker.toml");
@@ -197,13 +202,62 @@ impl Launch {
             "start-worker",
             "--localhost",
             "--port",
-            "0",
+            &port.to_string(),
             "--prover-type",
             kind,
             "--config",
             config.to_str().expect("utf-8 path"),
         ]);
         launch
+    }
+
+    /// A proxy for `kind` on 127.0.0.1 (gRPC, status and metrics on free ports) in front of
+    /// `workers`, with health checks every 200 ms and a rate limit high enough for bursts.
+    pub fn proxy(kind: &str, workers: &[&Daemon]) -> Self {
+        let mut launch = Launch::service(&[]);
+        let config = launch.dir.path().join("proxy.toml");
+        std::fs::write(&config, "").expect("empty proxy.toml");
+        launch.command.args([
+            "start-proxy",
+            "--bind-address",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--status-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--prover-type",
+            kind,
+            "--config",
+            config.to_str().expect("utf-8 path"),
+        ]);
+        launch.command.args(workers.iter().map(|w| w.addr.to_string()));
+        launch.command.envs([
+            ("MPS_HEALTH_CHECK_INTERVAL", "200ms"),
+            ("MPS_HEALTH_CHECK_TIMEOUT", "2s"),
+            ("MPS_CONNECTION_TIMEOUT", "2s"),
+            ("MPS_MAX_REQ_PER_SEC", "1000"),
+        ]);
+        launch
+    }
+
+    /// Starts a proxy and finds its three listeners from its start-up line.
+    pub async fn start_proxy(self) -> Proxy {
+        let mut daemon = self.start().await;
+        daemon.wait_for_output("proxy listening on", START_TIMEOUT).await;
+        let field = |name: &str| -> SocketAddr {
+            let output = daemon.output();
+            let line = output.lines().find(|l| l.contains("proxy listening on")).expect("line");
+            let value = line
+                .split_whitespace()
+                .find_map(|word| word.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("no {name}= in {line}"));
+            value.trim_matches('"').parse().unwrap_or_else(|_| panic!("{name}={value}"))
+        };
+        let (grpc, status, metrics) = (field("address"), field("status"), field("metrics"));
+        daemon.addr = grpc;
+        Proxy { daemon, status, metrics }
     }
 
     /// Starts the process and waits for `READY=1`; panics with its output if it does not come.
@@ -376,4 +430,46 @@ pub fn listening_addrs(pid: i32) -> Vec<SocketAddr> {
     }
     addrs.sort();
     addrs
+}
+
+/// A running proxy and its extra listeners.
+pub struct Proxy {
+    /// The process; `daemon.addr` is the gRPC port.
+    pub daemon: Daemon,
+    /// JSON `GET /status`.
+    pub status: SocketAddr,
+    /// Prometheus `GET /metrics`.
+    pub metrics: SocketAddr,
+}
+
+impl Proxy {
+    /// The JSON status document.
+    pub async fn status_json(&self) -> serde_json::Value {
+        let (code, body) = http_get(self.status, "/status").await;
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("status JSON")
+    }
+
+    /// Waits for `STATUS=` to say "N/M workers healthy".
+    pub async fn wait_healthy(&mut self, healthy: usize, total: usize) {
+        self.daemon
+            .notify
+            .wait_for_status(&format!("{healthy}/{total} workers healthy"), START_TIMEOUT)
+            .await;
+    }
+}
+
+/// A plain HTTP/1.1 GET; returns the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("end of headers");
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status code");
+    (code, body.to_owned())
 }

@@ -1,0 +1,468 @@
+//! The proxy: one endpoint for many clients and many workers.
+//!
+//! How a `Prove` call flows: [`front`] (Pingora: HTTP/2 cleartext gRPC and gRPC-web on HTTP/1.1)
+//! reads the whole request → [`Proxy::prove`] checks the per-IP rate limit and the proof type,
+//! admits the request, takes a [`pool::Lease`] on a healthy free worker (waiting in the bounded
+//! queue if none is free) and calls the worker with its own gRPC client → on a connect failure, a
+//! busy answer or a worker that died mid-proof it retries on another worker with the body it
+//! kept (Pingora's own retry buffer stops at 64 KiB; a transaction is ≈ 109 KB) → the answer
+//! goes back through [`front`]. [`health`] checks workers in the background; [`metrics`] counts.
+
+pub mod daemon;
+pub mod front;
+pub mod health;
+pub mod metrics;
+pub mod pool;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tonic::{Code, Status};
+use tracing::{Instrument, info, info_span, warn};
+
+use self::metrics::Metrics;
+use self::pool::{AcquireError, Health, Origin, WorkerPool};
+use crate::ProofKind;
+use crate::config::ProxySettings;
+use crate::proto::api_client::ApiClient;
+use crate::proto::{self, ProofType};
+use crate::worker::MAX_MESSAGE_SIZE;
+
+/// Settings a reload may change while requests run.
+#[derive(Clone, Debug)]
+pub struct LiveSettings {
+    /// Per-attempt timeout.
+    pub timeout: Duration,
+    /// Longest wait in the queue.
+    pub max_queue_wait: Duration,
+    /// Extra attempts on other workers.
+    pub max_retries_per_request: u32,
+    /// Per-IP requests per second.
+    pub max_req_per_sec: u32,
+    /// Health-check interval and per-check timeout.
+    pub health_check: (Duration, Duration),
+}
+
+impl From<&ProxySettings> for LiveSettings {
+    fn from(s: &ProxySettings) -> Self {
+        LiveSettings {
+            timeout: s.timeout,
+            max_queue_wait: s.max_queue_wait,
+            max_retries_per_request: s.max_retries_per_request,
+            max_req_per_sec: s.max_req_per_sec,
+            health_check: (s.health_check_interval, s.health_check_timeout),
+        }
+    }
+}
+
+/// Trace headers passed on to the worker.
+#[derive(Clone, Debug, Default)]
+pub struct RequestMeta {
+    /// W3C `traceparent`.
+    pub traceparent: Option<String>,
+    /// W3C `tracestate`.
+    pub tracestate: Option<String>,
+    /// `x-request-id`.
+    pub request_id: Option<String>,
+}
+
+/// The proxy's shared state.
+pub struct Proxy {
+    kind: ProofKind,
+    pool: Arc<WorkerPool>,
+    live: RwLock<LiveSettings>,
+    limiter: RateLimiter,
+    /// Metrics, rendered on the metrics port.
+    pub metrics: Metrics,
+    served: AtomicU64,
+}
+
+impl Proxy {
+    /// A proxy for `settings.prover_type` with the configured workers (not yet checked).
+    pub fn new(settings: &ProxySettings) -> Arc<Self> {
+        let pool = WorkerPool::new(settings.max_queue_items, settings.connection_timeout);
+        for address in &settings.workers {
+            // Addresses were validated with the configuration.
+            let _ = pool.add(address, Origin::Config);
+        }
+        Arc::new(Proxy {
+            kind: settings.prover_type,
+            pool,
+            live: RwLock::new(LiveSettings::from(settings)),
+            limiter: RateLimiter::default(),
+            metrics: Metrics::new(),
+            served: AtomicU64::new(0),
+        })
+    }
+
+    /// The proof type served.
+    pub fn kind(&self) -> ProofKind {
+        self.kind
+    }
+
+    /// The worker pool (for the control plane and status pages).
+    pub fn pool(&self) -> &Arc<WorkerPool> {
+        &self.pool
+    }
+
+    /// The settings in force now.
+    pub fn live(&self) -> LiveSettings {
+        self.live.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Applies reloaded settings to requests from now on.
+    pub fn set_live(&self, settings: &ProxySettings) {
+        *self.live.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            LiveSettings::from(settings);
+        self.pool.set_limits(settings.max_queue_items, settings.connection_timeout);
+    }
+
+    /// Requests answered since start (any outcome).
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// "2/3 workers healthy, queue 1/10" for `STATUS=`.
+    pub fn status_line(&self) -> String {
+        let workers = self.pool.snapshot();
+        let healthy = workers.iter().filter(|w| w.health == Health::Healthy).count();
+        let (queued, max) = self.pool.queue();
+        if workers.is_empty() {
+            return format!("no workers configured, queue {queued}/{max}");
+        }
+        format!("{healthy}/{} workers healthy, queue {queued}/{max}", workers.len())
+    }
+
+    /// Refreshes the worker and queue gauges.
+    pub fn update_gauges(&self) {
+        let workers = self.pool.snapshot();
+        let count = |f: &dyn Fn(&pool::WorkerSnapshot) -> bool| {
+            i64::try_from(workers.iter().filter(|w| f(w)).count()).unwrap_or(i64::MAX)
+        };
+        self.metrics.workers.set(count(&|_| true));
+        self.metrics.workers_healthy.set(count(&|w| w.health == Health::Healthy));
+        self.metrics
+            .workers_unhealthy
+            .set(count(&|w| matches!(w.health, Health::Unhealthy { .. })));
+        self.metrics.workers_busy.set(count(&|w| w.busy));
+        self.metrics.queue_size.set(i64::try_from(self.pool.queue().0).unwrap_or(i64::MAX));
+    }
+
+    /// Proves one request on some worker: the whole proxy path of a `Prove` call.
+    pub async fn prove(
+        &self,
+        message: &[u8],
+        client: Option<IpAddr>,
+        meta: RequestMeta,
+    ) -> Result<Vec<u8>, Status> {
+        let started = Instant::now();
+        let span = info_span!(
+            "proxy_prove",
+            client = client.map(|ip| ip.to_string()).unwrap_or_default(),
+            request_id = meta.request_id.clone().unwrap_or_default()
+        );
+        let result = self.prove_inner(message, client, &meta).instrument(span.clone()).await;
+        let code = match &result {
+            Ok(_) => Code::Ok,
+            Err(status) => status.code(),
+        };
+        self.served.fetch_add(1, Ordering::Relaxed);
+        self.metrics.requests.with_label_values(&[self.kind.as_str(), code_name(code)]).inc();
+        self.metrics
+            .request_duration
+            .with_label_values(&[self.kind.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        self.update_gauges();
+        span.in_scope(|| match &result {
+            Ok(_) => info!(
+                outcome = "proved",
+                duration_ms = started.elapsed().as_millis(),
+                "request done"
+            ),
+            Err(status) => info!(
+                outcome = code_name(code),
+                duration_ms = started.elapsed().as_millis(),
+                error = status.message(),
+                "request failed"
+            ),
+        });
+        result
+    }
+
+    // One linear story: admission checks, then the attempt loop with its outcomes.
+    #[allow(clippy::too_many_lines)]
+    async fn prove_inner(
+        &self,
+        message: &[u8],
+        client: Option<IpAddr>,
+        meta: &RequestMeta,
+    ) -> Result<Vec<u8>, Status> {
+        let live = self.live();
+        if let Some(ip) = client
+            && !self.limiter.allow(ip, live.max_req_per_sec)
+        {
+            self.metrics.rate_limited.inc();
+            return Err(Status::resource_exhausted(format!(
+                "Too many requests from {ip}: the limit is {} per second per client IP",
+                live.max_req_per_sec
+            )));
+        }
+        let request = <proto::ProofRequest as prost::Message>::decode(message).map_err(|err| {
+            Status::invalid_argument(format!("the request does not decode: {err}"))
+        })?;
+        let requested = ProofType::try_from(request.proof_type).map_err(|_| {
+            Status::invalid_argument(format!(
+                "unknown proof_type {}; expected 0 (TRANSACTION), 1 (BATCH) or 2 (BLOCK)",
+                request.proof_type
+            ))
+        })?;
+        if ProofKind::from(requested) != self.kind {
+            return Err(Status::unimplemented(format!(
+                "this proxy serves {} requests only, not {}",
+                self.kind,
+                ProofKind::from(requested)
+            )));
+        }
+
+        let mut excluded: Vec<String> = Vec::new();
+        let attempts = 1 + live.max_retries_per_request;
+        let mut last_failure = String::new();
+        for attempt in 1..=attempts {
+            let queued = Instant::now();
+            self.update_gauges();
+            let lease = match tokio::time::timeout(
+                live.max_queue_wait,
+                self.pool.acquire(&excluded, attempt > 1),
+            )
+            .await
+            {
+                Ok(Ok(lease)) => lease,
+                Ok(Err(AcquireError::QueueFull)) => {
+                    self.metrics.queue_drops.inc();
+                    return Err(acquire_status(&AcquireError::QueueFull));
+                }
+                Ok(Err(err)) => return Err(acquire_status(&err)),
+                Err(_) if attempt > 1 => {
+                    return Err(Status::unavailable(format!(
+                        "no other worker became free within {:?} to retry on after: {last_failure}",
+                        live.max_queue_wait
+                    )));
+                }
+                Err(_) => {
+                    return Err(Status::unavailable(format!(
+                        "no healthy worker became free within {:?} (max_queue_wait)",
+                        live.max_queue_wait
+                    )));
+                }
+            };
+            self.metrics.queue_wait.observe(queued.elapsed().as_secs_f64());
+            self.metrics.worker_requests.with_label_values(&[lease.address()]).inc();
+            self.update_gauges();
+
+            let mut call = tonic::Request::new(request.clone());
+            call.set_timeout(live.timeout);
+            for (key, value) in [
+                ("traceparent", &meta.traceparent),
+                ("tracestate", &meta.tracestate),
+                ("x-request-id", &meta.request_id),
+            ] {
+                if let Some(value) = value.as_deref().and_then(|v| v.parse().ok()) {
+                    call.metadata_mut().insert(key, value);
+                }
+            }
+            let mut client = ApiClient::new(lease.channel())
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE);
+            let answer = client.prove(call).await;
+            match answer {
+                Ok(proof) => return Ok(proof.into_inner().payload),
+                Err(status) => match classify(&status) {
+                    Failure::PassThrough => return Err(status),
+                    Failure::Busy => {
+                        last_failure = format!("worker {} is busy", lease.address());
+                    }
+                    Failure::WorkerDown => {
+                        last_failure =
+                            format!("worker {} failed: {}", lease.address(), status.message());
+                        self.pool.mark_failed(lease.address(), status.message().to_owned());
+                    }
+                    Failure::TimedOut => {
+                        // The worker is still proving: keep it leased until it says it is idle,
+                        // so no other request is sent to a busy worker.
+                        hold_until_idle(lease, live.timeout);
+                        return Err(Status::deadline_exceeded(format!(
+                            "the worker did not answer within {:?} (timeout)",
+                            live.timeout
+                        )));
+                    }
+                },
+            }
+            warn!(attempt, attempts, failure = %last_failure, "attempt failed");
+            excluded.push(lease.address().to_owned());
+            drop(lease);
+            if attempt < attempts {
+                self.metrics.retries.inc();
+            }
+        }
+        Err(Status::unavailable(format!(
+            "all {attempts} attempts failed; the last: {last_failure}"
+        )))
+    }
+
+    /// The answer to `ProxyStatusApi/Status`.
+    pub fn status(&self) -> proto::ProxyStatus {
+        proto::ProxyStatus {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            supported_proof_type: ProofType::from(self.kind).into(),
+            workers: self
+                .pool
+                .snapshot()
+                .into_iter()
+                .map(|w| proto::ProxyWorkerStatus {
+                    address: w.address,
+                    version: w.version,
+                    status: match w.health {
+                        Health::Unknown => proto::WorkerHealthStatus::Unknown,
+                        Health::Healthy => proto::WorkerHealthStatus::Healthy,
+                        Health::Unhealthy { .. } => proto::WorkerHealthStatus::Unhealthy,
+                    }
+                    .into(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The seed's JSON status, plus busy/served/queue figures an operator wants.
+    pub fn status_json(&self) -> serde_json::Value {
+        let (queued, max_queue) = self.pool.queue();
+        let workers: Vec<serde_json::Value> = self
+            .pool
+            .snapshot()
+            .into_iter()
+            .map(|w| {
+                let status = match &w.health {
+                    Health::Unknown => serde_json::json!("Unknown"),
+                    Health::Healthy => serde_json::json!("Healthy"),
+                    Health::Unhealthy { failed_attempts, reason } => serde_json::json!({
+                        "Unhealthy": {"failed_attempts": failed_attempts, "reason": reason}
+                    }),
+                };
+                serde_json::json!({
+                    "address": w.address,
+                    "version": w.version,
+                    "status": status,
+                    "busy": w.busy,
+                    "requests_served": w.served,
+                    "source": match w.origin { Origin::Config => "config", Origin::Runtime => "runtime" },
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "prover_type": health::capitalised(self.kind),
+            "workers": workers,
+            "queue": {"length": queued, "max": max_queue},
+            "requests_served": self.served(),
+        })
+    }
+}
+
+enum Failure {
+    /// The worker's own verdict on the request (proving error, bad payload): the client's answer.
+    PassThrough,
+    /// Someone else's proof runs there: try another worker.
+    Busy,
+    /// Unreachable, reset or died mid-proof: mark it and try another worker.
+    WorkerDown,
+    /// Our per-attempt timeout.
+    TimedOut,
+}
+
+fn classify(status: &Status) -> Failure {
+    match status.code() {
+        Code::ResourceExhausted => Failure::Busy,
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted => Failure::WorkerDown,
+        Code::DeadlineExceeded => Failure::TimedOut,
+        _ => Failure::PassThrough,
+    }
+}
+
+/// Keeps a timed-out worker leased until its `WorkerStatus` says it is idle (checked once a
+/// second, for at most `limit`), so the proxy never sends a second proof to a busy worker.
+fn hold_until_idle(lease: pool::Lease, limit: Duration) {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let mut status =
+            crate::proto::worker_status_api_client::WorkerStatusApiClient::new(lease.channel());
+        while started.elapsed() < limit {
+            match status.status(()).await {
+                Ok(answer) if !answer.get_ref().busy => break,
+                Err(_) => break,
+                Ok(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        }
+        drop(lease);
+    });
+}
+
+fn acquire_status(err: &AcquireError) -> Status {
+    match err {
+        AcquireError::QueueFull => Status::resource_exhausted(err.to_string()),
+        AcquireError::NoWorkers | AcquireError::ShuttingDown => {
+            Status::unavailable(err.to_string())
+        }
+    }
+}
+
+/// Lower-case gRPC code name for metrics and logs.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+/// Token bucket per client IP (not per connection: upstream keyed on ip:port).
+#[derive(Default)]
+struct RateLimiter {
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    fn allow(&self, ip: IpAddr, per_second: u32) -> bool {
+        let rate = f64::from(per_second.max(1));
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if buckets.len() > 10_000 {
+            // Forget clients idle long enough to have a full bucket again.
+            buckets.retain(|_, (_, last)| now.duration_since(*last) < Duration::from_secs(2));
+        }
+        let (tokens, last) = buckets.entry(ip).or_insert((rate, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}

@@ -1,0 +1,484 @@
+//! The worker pool and the request queue, one value behind one short-held lock.
+//!
+//! A request takes a [`Lease`] on one healthy, free worker; the lease is released when it is
+//! dropped — on every path: success, error, retry, timeout, client gone. A request that finds no
+//! free worker waits in a bounded FIFO queue; whoever frees a worker (a released lease, a worker
+//! turning healthy, a worker added) hands it straight to the first waiter that may use it. Nobody
+//! polls, and a waiter whose client went away leaves the queue when its future is dropped.
+//! Nothing here does network I/O; the lock is never held across an `.await`.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tonic::transport::{Channel, Endpoint};
+
+/// A worker's health as the proxy last saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Not checked yet; no requests go to it until a check passes.
+    Unknown,
+    /// Answers health checks with the right proof type and version.
+    Healthy,
+    /// Failed its last checks or requests.
+    Unhealthy {
+        /// Consecutive failures.
+        failed_attempts: u32,
+        /// The last failure, as an operator would want to read it.
+        reason: String,
+    },
+}
+
+/// Where a worker came from: the configuration (reload may remove it) or the control plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Listed in `workers` (file, environment or command line).
+    Config,
+    /// Added at run time.
+    Runtime,
+}
+
+/// A copy of one worker's state, for status pages and metrics.
+#[derive(Clone, Debug)]
+pub struct WorkerSnapshot {
+    /// `host:port` as configured.
+    pub address: String,
+    /// Version the worker reported, empty until known.
+    pub version: String,
+    /// Last known health.
+    pub health: Health,
+    /// True while a request of this proxy runs on it.
+    pub busy: bool,
+    /// Requests this proxy finished on it.
+    pub served: u64,
+    /// Configuration or run time.
+    pub origin: Origin,
+}
+
+/// Why no lease was given.
+#[derive(Debug, thiserror::Error)]
+pub enum AcquireError {
+    /// No worker is configured at all: waiting cannot help.
+    #[error(
+        "the proxy has no workers; add one to `workers` in proxy.toml or with `minedctl add-worker`"
+    )]
+    NoWorkers,
+    /// The queue is at `max_queue_items`.
+    #[error("Too many requests in the queue")]
+    QueueFull,
+    /// The proxy is shutting down and admits nothing new.
+    #[error("the proxy is shutting down; retry on another proxy")]
+    ShuttingDown,
+}
+
+struct WorkerEntry {
+    address: String,
+    channel: Channel,
+    version: String,
+    health: Health,
+    busy: bool,
+    served: u64,
+    origin: Origin,
+    /// Removed while busy: dropped from the list when its lease is released.
+    removed: bool,
+    /// When the health loop should look at it next (failed workers back off).
+    pub(crate) next_check: Instant,
+}
+
+impl WorkerEntry {
+    fn usable(&self) -> bool {
+        self.health == Health::Healthy && !self.busy && !self.removed
+    }
+}
+
+struct Waiter {
+    id: u64,
+    excluded: Vec<String>,
+    grant: oneshot::Sender<Grant>,
+}
+
+/// A worker handed to a waiter; becomes a [`Lease`] on receipt.
+struct Grant {
+    address: String,
+    channel: Channel,
+}
+
+struct State {
+    workers: Vec<WorkerEntry>,
+    waiters: VecDeque<Waiter>,
+    next_waiter: u64,
+    max_queue: usize,
+    closed: bool,
+    /// Requests admitted (queued or running) and not yet finished, for the shutdown drain.
+    in_flight: usize,
+}
+
+/// The pool of workers and the queue of requests waiting for one.
+pub struct WorkerPool {
+    state: Mutex<State>,
+    connection_timeout: Mutex<Duration>,
+    /// Wakes the shutdown drain and the status reporter when something changed.
+    changed: tokio::sync::watch::Sender<()>,
+    /// Wakes the health loop: a worker was added or failed a request.
+    check_now: tokio::sync::Notify,
+}
+
+/// One request's hold on one worker; dropping it frees the worker.
+pub struct Lease {
+    pool: Arc<WorkerPool>,
+    address: String,
+    channel: Channel,
+}
+
+impl Lease {
+    /// The worker's address.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// A gRPC channel to the worker (shared, connects lazily, reconnects after failures).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.pool.release(&self.address);
+    }
+}
+
+/// Counts a request from admission to its end, so a stopping proxy knows when it has drained.
+pub struct Admission {
+    pool: Arc<WorkerPool>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut state = self.pool.lock();
+        state.in_flight -= 1;
+        drop(state);
+        self.pool.changed.send_replace(());
+    }
+}
+
+impl WorkerPool {
+    /// An empty pool whose queue holds `max_queue` waiting requests.
+    pub fn new(max_queue: usize, connection_timeout: Duration) -> Arc<Self> {
+        Arc::new(WorkerPool {
+            state: Mutex::new(State {
+                workers: Vec::new(),
+                waiters: VecDeque::new(),
+                next_waiter: 0,
+                max_queue,
+                closed: false,
+                in_flight: 0,
+            }),
+            connection_timeout: Mutex::new(connection_timeout),
+            changed: tokio::sync::watch::channel(()).0,
+            check_now: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state stays consistent at every unlock; a panic elsewhere does not poison it.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn notify(&self) {
+        self.changed.send_replace(());
+    }
+
+    /// Resolves when a worker wants checking before the next round.
+    pub async fn check_requested(&self) {
+        self.check_now.notified().await;
+    }
+
+    /// Subscribes to "something changed" (health, queue, leases).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
+        self.changed.subscribe()
+    }
+
+    /// Adds a worker (unchecked: it takes requests once a health check passes). Returns false
+    /// when it is already present.
+    pub fn add(&self, address: &str, origin: Origin) -> Result<bool, String> {
+        crate::config::check_worker_address(address)?;
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|err| format!("`{address}`: {err}"))?
+            .connect_timeout(
+                *self.connection_timeout.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+            )
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(16 << 20))
+            .initial_connection_window_size(Some(16 << 20));
+        let mut state = self.lock();
+        if state.workers.iter().any(|w| w.address == address && !w.removed) {
+            return Ok(false);
+        }
+        state.workers.push(WorkerEntry {
+            address: address.to_owned(),
+            channel: endpoint.connect_lazy(),
+            version: String::new(),
+            health: Health::Unknown,
+            busy: false,
+            served: 0,
+            origin,
+            removed: false,
+            next_check: Instant::now(),
+        });
+        drop(state);
+        self.notify();
+        self.check_now.notify_one();
+        Ok(true)
+    }
+
+    /// Removes a worker; a request running on it finishes first. Returns false when absent.
+    pub fn remove(&self, address: &str) -> bool {
+        let mut state = self.lock();
+        let Some(index) = state.workers.iter().position(|w| w.address == address && !w.removed)
+        else {
+            return false;
+        };
+        if state.workers[index].busy {
+            state.workers[index].removed = true;
+        } else {
+            state.workers.remove(index);
+        }
+        drop(state);
+        self.notify();
+        true
+    }
+
+    /// Admits a request for the shutdown drain's count, or refuses it when the proxy stops.
+    pub fn admit(self: &Arc<Self>) -> Result<Admission, AcquireError> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(AcquireError::ShuttingDown);
+        }
+        state.in_flight += 1;
+        Ok(Admission { pool: Arc::clone(self) })
+    }
+
+    /// Waits for a healthy free worker not in `excluded`. A retry (`retry = true`) goes to the
+    /// head of the queue and may exceed its bound: it was admitted once already.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        excluded: &[String],
+        retry: bool,
+    ) -> Result<Lease, AcquireError> {
+        let (id, receiver) = {
+            let mut state = self.lock();
+            if state.workers.iter().all(|w| w.removed) {
+                return Err(AcquireError::NoWorkers);
+            }
+            if (state.waiters.is_empty() || retry)
+                && let Some(worker) =
+                    state.workers.iter_mut().find(|w| w.usable() && !excluded.contains(&w.address))
+            {
+                worker.busy = true;
+                let lease = Lease {
+                    pool: Arc::clone(self),
+                    address: worker.address.clone(),
+                    channel: worker.channel.clone(),
+                };
+                drop(state);
+                self.notify();
+                return Ok(lease);
+            }
+            if !retry && state.waiters.len() >= state.max_queue {
+                return Err(AcquireError::QueueFull);
+            }
+            let (grant, receiver) = oneshot::channel();
+            let id = state.next_waiter;
+            state.next_waiter += 1;
+            let waiter = Waiter { id, excluded: excluded.to_vec(), grant };
+            if retry {
+                state.waiters.push_front(waiter);
+            } else {
+                state.waiters.push_back(waiter);
+            }
+            // A free worker that the waiters ahead excluded may suit this one.
+            dispatch(&mut state);
+            (id, receiver)
+        };
+        self.notify();
+        let mut waiting = Waiting { pool: Arc::clone(self), id, receiver: Some(receiver) };
+        let grant = waiting
+            .receiver
+            .as_mut()
+            .expect("the receiver is only taken by Drop")
+            .await
+            .map_err(|_| AcquireError::ShuttingDown)?;
+        waiting.receiver = None;
+        Ok(Lease { pool: Arc::clone(self), address: grant.address, channel: grant.channel })
+    }
+
+    /// Frees a worker and hands it to the first waiter that may use it.
+    fn release(&self, address: &str) {
+        let mut state = self.lock();
+        if let Some(index) = state.workers.iter().position(|w| w.address == address && w.busy) {
+            let worker = &mut state.workers[index];
+            worker.busy = false;
+            worker.served += 1;
+            if worker.removed {
+                state.workers.remove(index);
+            }
+        }
+        dispatch(&mut state);
+        drop(state);
+        self.notify();
+    }
+
+    /// Records a health-check (or request) result for `address`; a worker that turns healthy
+    /// is handed to waiters at once.
+    pub fn set_health(
+        &self,
+        address: &str,
+        health: Health,
+        version: Option<String>,
+        next_check: Instant,
+    ) {
+        let mut state = self.lock();
+        if let Some(worker) = state.workers.iter_mut().find(|w| w.address == address && !w.removed)
+        {
+            worker.health = health;
+            if let Some(version) = version {
+                worker.version = version;
+            }
+            worker.next_check = next_check;
+        }
+        dispatch(&mut state);
+        drop(state);
+        self.notify();
+    }
+
+    /// Marks a worker unhealthy after a request failed on it; returns the failure count.
+    pub fn mark_failed(&self, address: &str, reason: String) -> u32 {
+        let mut state = self.lock();
+        let mut failed = 1;
+        if let Some(worker) = state.workers.iter_mut().find(|w| w.address == address && !w.removed)
+        {
+            if let Health::Unhealthy { failed_attempts, .. } = worker.health {
+                failed = failed_attempts + 1;
+            }
+            worker.health = Health::Unhealthy { failed_attempts: failed, reason };
+            worker.next_check = Instant::now();
+        }
+        drop(state);
+        self.notify();
+        self.check_now.notify_one();
+        failed
+    }
+
+    /// Workers due for a health check: address, channel, consecutive failures.
+    pub fn due_for_check(&self, now: Instant) -> Vec<(String, Channel, u32)> {
+        self.lock()
+            .workers
+            .iter()
+            .filter(|w| !w.removed && w.next_check <= now)
+            .map(|w| {
+                let failed = match w.health {
+                    Health::Unhealthy { failed_attempts, .. } => failed_attempts,
+                    _ => 0,
+                };
+                (w.address.clone(), w.channel.clone(), failed)
+            })
+            .collect()
+    }
+
+    /// Every worker's state.
+    pub fn snapshot(&self) -> Vec<WorkerSnapshot> {
+        self.lock()
+            .workers
+            .iter()
+            .filter(|w| !w.removed)
+            .map(|w| WorkerSnapshot {
+                address: w.address.clone(),
+                version: w.version.clone(),
+                health: w.health.clone(),
+                busy: w.busy,
+                served: w.served,
+                origin: w.origin,
+            })
+            .collect()
+    }
+
+    /// Requests waiting for a worker, and the bound.
+    pub fn queue(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.waiters.len(), state.max_queue)
+    }
+
+    /// Changes the queue bound (reload); requests already queued stay.
+    pub fn set_limits(&self, max_queue: usize, connection_timeout: Duration) {
+        self.lock().max_queue = max_queue;
+        *self.connection_timeout.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            connection_timeout;
+    }
+
+    /// Stops admitting requests; queued and running ones go on.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.notify();
+    }
+
+    /// Requests admitted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.lock().in_flight
+    }
+}
+
+/// Hands free workers to waiters, first come first served (a waiter skips workers it excluded).
+fn dispatch(state: &mut State) {
+    let mut index = 0;
+    while index < state.waiters.len() {
+        let excluded = &state.waiters[index].excluded;
+        let Some(worker) =
+            state.workers.iter_mut().find(|w| w.usable() && !excluded.contains(&w.address))
+        else {
+            index += 1;
+            continue;
+        };
+        let waiter = state.waiters.remove(index).expect("index < len");
+        let grant = Grant { address: worker.address.clone(), channel: worker.channel.clone() };
+        if waiter.grant.send(grant).is_ok() {
+            worker.busy = true;
+        }
+        // A waiter whose client left is simply gone; the worker stays free for the next one.
+    }
+}
+
+/// A queued request; dropping it (client gone, timeout) leaves the queue, and returns a worker
+/// that was granted but never received.
+struct Waiting {
+    pool: Arc<WorkerPool>,
+    id: u64,
+    receiver: Option<oneshot::Receiver<Grant>>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let Some(mut receiver) = self.receiver.take() else {
+            return;
+        };
+        let mut state = self.pool.lock();
+        let before = state.waiters.len();
+        state.waiters.retain(|w| w.id != self.id);
+        let left_queue = state.waiters.len() != before;
+        // Granted under the lock before we took it: give the worker back.
+        if let Ok(grant) = receiver.try_recv()
+            && let Some(worker) = state.workers.iter_mut().find(|w| w.address == grant.address)
+        {
+            worker.busy = false;
+            if worker.removed {
+                state.workers.retain(|w| w.address != grant.address || !w.removed);
+            }
+            dispatch(&mut state);
+        }
+        drop(state);
+        if left_queue {
+            self.pool.notify();
+        }
+    }
+}

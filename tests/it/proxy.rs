@@ -1,0 +1,420 @@
+//! The proxy daemon in front of real workers: concurrency, retries after a worker dies, busy
+//! workers, the queue and its limits, health, the upstream client, gRPC-web, metrics, shutdown.
+
+use std::time::{Duration, Instant};
+
+use miden_objects::MIN_PROOF_SECURITY_LEVEL;
+use miden_objects::batch::ProvenBatch;
+use miden_objects::transaction::{ProvenTransaction, TransactionInputs};
+use miden_objects::utils::{Deserializable, Serializable};
+use miden_proving_service::proto::api_client::ApiClient;
+use miden_proving_service::proto::proxy_status_api_client::ProxyStatusApiClient;
+use miden_proving_service::proto::{ProofRequest, ProofType, WorkerHealthStatus};
+use miden_tx::TransactionVerifier;
+use nix::sys::signal::Signal;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::support::fixtures::sample_transactions;
+use crate::support::{Daemon, Launch, START_TIMEOUT};
+
+const PROOF_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn tx_request(inputs: &TransactionInputs) -> ProofRequest {
+    ProofRequest { proof_type: ProofType::Transaction.into(), payload: inputs.to_bytes() }
+}
+
+fn verify(proof: &[u8]) -> ProvenTransaction {
+    let proven = ProvenTransaction::read_from_bytes(proof).expect("the proof decodes");
+    TransactionVerifier::new(MIN_PROOF_SECURITY_LEVEL).verify(&proven).expect("the proof verifies");
+    proven
+}
+
+async fn api(daemon: &Daemon) -> ApiClient<Channel> {
+    daemon.api().await
+}
+
+/// Starts proving `inputs` through `daemon` in the background.
+async fn spawn_prove(
+    daemon: &Daemon,
+    inputs: &TransactionInputs,
+) -> tokio::task::JoinHandle<
+    Result<tonic::Response<miden_proving_service::proto::Proof>, tonic::Status>,
+> {
+    let mut client = api(daemon).await;
+    let request = tx_request(inputs);
+    tokio::spawn(async move { client.prove(request).await })
+}
+
+fn worker_entry<'a>(status: &'a serde_json::Value, addr: &str) -> &'a serde_json::Value {
+    status["workers"]
+        .as_array()
+        .expect("workers array")
+        .iter()
+        .find(|w| w["address"] == addr)
+        .unwrap_or_else(|| panic!("{addr} missing from {status}"))
+}
+
+#[tokio::test]
+async fn two_workers_serve_four_concurrent_clients() {
+    let sample = sample_transactions(4).await.expect("sample transactions");
+    let w1 = Launch::worker("transaction").start().await;
+    let w2 = Launch::worker("transaction").start().await;
+    let mut proxy = Launch::proxy("transaction", &[&w1, &w2]).start_proxy().await;
+    proxy.wait_healthy(2, 2).await;
+
+    let mut clients = Vec::new();
+    for inputs in &sample.inputs {
+        clients.push(spawn_prove(&proxy.daemon, inputs).await);
+    }
+    for client in clients {
+        let proof = client.await.expect("join").expect("every client gets a proof");
+        verify(&proof.into_inner().payload);
+    }
+    let status = proxy.status_json().await;
+    let served: Vec<u64> = [&w1, &w2]
+        .iter()
+        .map(|w| worker_entry(&status, &w.addr.to_string())["requests_served"].as_u64().expect("n"))
+        .collect();
+    assert_eq!(served.iter().sum::<u64>(), 4, "{status}");
+    assert!(served.iter().all(|&n| n >= 1), "both workers were used: {status}");
+    assert_eq!(status["requests_served"], 4);
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_proof_is_retried_on_another_and_used_again_after_restart() {
+    let sample = sample_transactions(3).await.expect("sample transactions");
+    let mut w1 = Launch::worker("transaction").start().await;
+    let mut w2 = Launch::worker("transaction").start().await;
+    let mut proxy = Launch::proxy("transaction", &[&w1, &w2]).start_proxy().await;
+    proxy.wait_healthy(2, 2).await;
+
+    let first = spawn_prove(&proxy.daemon, &sample.inputs[0]).await;
+    // Whichever worker got it: kill it while it proves.
+    let victim_is_w1 = tokio::select! {
+        _ = w1.notify.wait_for_status("proving", PROOF_TIMEOUT) => true,
+        _ = w2.notify.wait_for_status("proving", PROOF_TIMEOUT) => false,
+    };
+    let (victim, survivor) = if victim_is_w1 { (&mut w1, &w2) } else { (&mut w2, &w1) };
+    let victim_addr = victim.addr;
+    victim.signal(Signal::SIGKILL);
+    victim.wait(START_TIMEOUT).await;
+
+    let proof = first.await.expect("join").expect("the client still gets a proof");
+    verify(&proof.into_inner().payload);
+    assert_eq!(survivor.worker_status().await.requests_served, 1, "the survivor proved it");
+
+    let status = proxy.status_json().await;
+    let dead = worker_entry(&status, &victim_addr.to_string());
+    let reason = dead["status"]["Unhealthy"]["reason"].as_str().unwrap_or_default();
+    assert!(!reason.is_empty(), "dead worker unhealthy with a reason: {status}");
+    let grpc = ProxyStatusApiClient::new(proxy.daemon.channel().await)
+        .status(())
+        .await
+        .expect("proxy status")
+        .into_inner();
+    let dead = grpc.workers.iter().find(|w| w.address == victim_addr.to_string()).expect("listed");
+    assert_eq!(dead.status, WorkerHealthStatus::Unhealthy as i32);
+
+    // Restart it on the same port: healthy again, and used.
+    let restarted = Launch::worker_at("transaction", victim_addr.port()).start().await;
+    proxy.wait_healthy(2, 2).await;
+    let a = spawn_prove(&proxy.daemon, &sample.inputs[1]).await;
+    let b = spawn_prove(&proxy.daemon, &sample.inputs[2]).await;
+    for client in [a, b] {
+        verify(&client.await.expect("join").expect("proof").into_inner().payload);
+    }
+    assert_eq!(restarted.worker_status().await.requests_served, 1, "the restarted worker is used");
+}
+
+#[tokio::test]
+async fn a_worker_kept_busy_by_a_direct_client_is_skipped_for_the_free_one() {
+    let sample = sample_transactions(2).await.expect("sample transactions");
+    let mut w1 = Launch::worker("transaction").start().await;
+    let w2 = Launch::worker("transaction").start().await;
+    let mut proxy = Launch::proxy("transaction", &[&w1, &w2]).start_proxy().await;
+    proxy.wait_healthy(2, 2).await;
+
+    let direct = spawn_prove(&w1, &sample.inputs[0]).await;
+    w1.notify.wait_for_status("proving", PROOF_TIMEOUT).await;
+    let through_proxy = api(&proxy.daemon).await.prove(tx_request(&sample.inputs[1])).await;
+    let proof = through_proxy.expect("no busy answer while a worker is free");
+    verify(&proof.into_inner().payload);
+    assert_eq!(w2.worker_status().await.requests_served, 1, "the free worker proved it");
+    verify(&direct.await.expect("join").expect("direct proof").into_inner().payload);
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_at_once_and_a_cancelled_request_frees_its_slot() {
+    let sample = sample_transactions(2).await.expect("sample transactions");
+    let mut worker = Launch::worker("transaction").start().await;
+    let mut launch = Launch::proxy("transaction", &[&worker]);
+    launch.command.env("MPS_MAX_QUEUE_ITEMS", "1");
+    let mut proxy = launch.start_proxy().await;
+    proxy.wait_healthy(1, 1).await;
+
+    let running = spawn_prove(&proxy.daemon, &sample.inputs[0]).await;
+    worker.notify.wait_for_status("proving", PROOF_TIMEOUT).await;
+    let queued = spawn_prove(&proxy.daemon, &sample.inputs[1]).await;
+    proxy.daemon.notify.wait_for_status("1/1 workers healthy, queue 1/1", START_TIMEOUT).await;
+
+    let asked = Instant::now();
+    let err =
+        api(&proxy.daemon).await.prove(tx_request(&sample.inputs[1])).await.expect_err("full");
+    eprintln!("queue-full answer after {:?}", asked.elapsed());
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(err.message(), "Too many requests in the queue");
+    assert!(!running.is_finished(), "refused at once, not after the running proof");
+
+    // The queued client gives up: its slot frees and the next request takes it.
+    queued.abort();
+    proxy.daemon.notify.wait_for_status("1/1 workers healthy, queue 0/1", START_TIMEOUT).await;
+    let next = spawn_prove(&proxy.daemon, &sample.inputs[1]).await;
+    proxy.daemon.notify.wait_for_status("1/1 workers healthy, queue 1/1", START_TIMEOUT).await;
+    verify(&running.await.expect("join").expect("first proof").into_inner().payload);
+    verify(&next.await.expect("join").expect("the request behind is served").into_inner().payload);
+    assert_eq!(worker.worker_status().await.requests_served, 2, "the cancelled one never ran");
+}
+
+#[tokio::test]
+async fn no_workers_is_unavailable_at_once_and_the_rate_limit_is_per_client_ip() {
+    let mut launch = Launch::proxy("transaction", &[]);
+    launch.command.env("MPS_MAX_REQ_PER_SEC", "2");
+    let proxy = launch.start_proxy().await;
+    let garbage = ProofRequest { proof_type: ProofType::Transaction.into(), payload: vec![1, 2] };
+
+    let from = |ip: &str| {
+        let endpoint = Endpoint::from_shared(proxy.daemon.endpoint()).expect("endpoint");
+        let ip = ip.parse().expect("ip");
+        async move { ApiClient::new(endpoint.local_address(Some(ip)).connect().await.expect("connect")) }
+    };
+    let mut first = from("127.0.0.1").await;
+    for _ in 0..2 {
+        let asked = Instant::now();
+        let err = first.prove(garbage.clone()).await.expect_err("no workers");
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        assert!(err.message().contains("no workers"), "{}", err.message());
+        assert!(asked.elapsed() < Duration::from_secs(5), "answered at once, not at a deadline");
+    }
+    // A new connection from the same IP shares the IP's budget.
+    let mut same_ip = from("127.0.0.1").await;
+    let err = same_ip.prove(garbage.clone()).await.expect_err("rate limited");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("per client IP"), "{}", err.message());
+    // Another IP has its own budget.
+    let mut other = from("127.0.0.2").await;
+    let err = other.prove(garbage).await.expect_err("no workers");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // Status calls are exempt.
+    let mut status = ProxyStatusApiClient::new(proxy.daemon.channel().await);
+    for _ in 0..5 {
+        status.status(()).await.expect("status is never rate limited");
+    }
+}
+
+#[tokio::test]
+async fn a_batch_worker_in_a_transaction_proxy_is_unhealthy_unused_and_metrics_are_clean() {
+    let sample = sample_transactions(1).await.expect("sample transaction");
+    let tx_worker = Launch::worker("transaction").start().await;
+    let batch_worker = Launch::worker("batch").start().await;
+    let mut proxy = Launch::proxy("transaction", &[&tx_worker, &batch_worker]).start_proxy().await;
+    proxy.wait_healthy(1, 2).await;
+
+    // The two first checks run in parallel; wait for the batch worker's verdict too.
+    let started = Instant::now();
+    let status = loop {
+        let status = proxy.status_json().await;
+        if worker_entry(&status, &batch_worker.addr.to_string())["status"] != "Unknown" {
+            break status;
+        }
+        assert!(started.elapsed() < START_TIMEOUT, "still unchecked: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let batch = worker_entry(&status, &batch_worker.addr.to_string());
+    assert_eq!(
+        batch["status"]["Unhealthy"]["reason"], "Unsupported prover type: Batch",
+        "{status}"
+    );
+    let grpc = ProxyStatusApiClient::new(proxy.daemon.channel().await)
+        .status(())
+        .await
+        .expect("status")
+        .into_inner();
+    let entry = grpc.workers.iter().find(|w| w.address == batch_worker.addr.to_string());
+    assert_eq!(entry.expect("listed").status, WorkerHealthStatus::Unhealthy as i32);
+
+    let proof = api(&proxy.daemon).await.prove(tx_request(&sample.inputs[0])).await.expect("proof");
+    verify(&proof.into_inner().payload);
+    assert_eq!(batch_worker.worker_status().await.requests_served, 0, "never given a request");
+
+    let (code, scrape) = crate::support::http_get(proxy.metrics, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(
+        scrape.contains(r#"mps_proxy_requests_total{code="ok",proof_type="transaction"} 1"#),
+        "{scrape}"
+    );
+    assert!(scrape.contains("mps_proxy_workers_unhealthy 1"), "{scrape}");
+    promtool_check(&scrape);
+}
+
+/// Runs `promtool check metrics` (from Debian's prometheus package; `.ci/run` unpacks it and
+/// sets `PROMTOOL`) on a scrape.
+fn promtool_check(scrape: &str) {
+    use std::io::Write;
+
+    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".to_owned());
+    let mut child = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| {
+            panic!("cannot run {promtool} ({err}); install it as .ci/run does, or set PROMTOOL")
+        });
+    child.stdin.take().expect("stdin").write_all(scrape.as_bytes()).expect("feed promtool");
+    let output = child.wait_with_output().expect("promtool result");
+    assert!(
+        output.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test]
+async fn the_upstream_client_and_grpc_web_work_through_the_proxy() {
+    use miden_remote_prover_client::remote_prover::tx_prover::RemoteTransactionProver;
+
+    let sample = sample_transactions(2).await.expect("sample transactions");
+    let tx_worker = Launch::worker("transaction").start().await;
+    let batch_worker = Launch::worker("batch").start().await;
+    let mut tx_proxy = Launch::proxy("transaction", &[&tx_worker]).start_proxy().await;
+    let mut batch_proxy = Launch::proxy("batch", &[&batch_worker]).start_proxy().await;
+    tx_proxy.wait_healthy(1, 1).await;
+    batch_proxy.wait_healthy(1, 1).await;
+
+    // miden-remote-prover-client 0.12, unchanged, against the proxy and against a worker.
+    let mut proven = Vec::new();
+    for (endpoint, inputs) in
+        [(tx_proxy.daemon.endpoint(), &sample.inputs[0]), (tx_worker.endpoint(), &sample.inputs[1])]
+    {
+        let remote = RemoteTransactionProver::new(endpoint).with_timeout(PROOF_TIMEOUT);
+        let tx = remote.prove(inputs.clone()).await.expect("upstream client proves");
+        TransactionVerifier::new(MIN_PROOF_SECURITY_LEVEL).verify(&tx).expect("verifies");
+        proven.push(tx);
+    }
+
+    // gRPC-web (HTTP/1.1) proves a batch through the batch proxy.
+    let batch = sample.chain.propose_transaction_batch(proven).expect("propose a batch");
+    let request = ProofRequest { proof_type: ProofType::Batch.into(), payload: batch.to_bytes() };
+    let (data, trailers) = grpc_web(
+        batch_proxy.daemon.addr,
+        "/remote_prover.Api/Prove",
+        &prost::Message::encode_to_vec(&request),
+    )
+    .await;
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+    let proof: miden_proving_service::proto::Proof =
+        prost::Message::decode(&data.expect("a proof")[..]).expect("Proof message");
+    let proven = ProvenBatch::read_from_bytes(&proof.payload).expect("the batch proof decodes");
+    assert_eq!(proven.id(), batch.id());
+
+    // ProxyStatus over gRPC-web.
+    let (data, trailers) =
+        grpc_web(batch_proxy.daemon.addr, "/remote_prover.ProxyStatusApi/Status", &[]).await;
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+    let status: miden_proving_service::proto::ProxyStatus =
+        prost::Message::decode(&data.expect("status")[..]).expect("ProxyStatus");
+    assert_eq!(status.supported_proof_type, ProofType::Batch as i32);
+    assert_eq!(status.workers.len(), 1);
+}
+
+/// One gRPC-web call over HTTP/1.1 (after a CORS preflight, as a browser makes it); returns the
+/// data frame and the trailer frame's text.
+async fn grpc_web(
+    addr: std::net::SocketAddr,
+    path: &str,
+    message: &[u8],
+) -> (Option<Vec<u8>>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let preflight = format!(
+        "OPTIONS {path} HTTP/1.1\r\nHost: {addr}\r\nOrigin: http://example.test\r\n\
+         Access-Control-Request-Method: POST\r\n\
+         Access-Control-Request-Headers: content-type,x-grpc-web\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(preflight.as_bytes()).await.expect("preflight");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("preflight answer");
+    let head = String::from_utf8_lossy(&response).to_lowercase();
+    assert!(head.starts_with("http/1.1 204"), "{head}");
+    assert!(head.contains("access-control-allow-origin: *"), "{head}");
+    assert!(head.contains("x-grpc-web"), "{head}");
+
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut body = vec![0u8];
+    body.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
+    body.extend_from_slice(message);
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/grpc-web+proto\r\n\
+         X-Grpc-Web: 1\r\nOrigin: http://example.test\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("send head");
+    stream.write_all(&body).await.expect("send body");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read");
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").expect("end of headers");
+    let head = String::from_utf8_lossy(&response[..split]).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-type: application/grpc-web+proto"), "{head}");
+    assert!(head.contains("access-control-allow-origin: *"), "{head}");
+    let mut rest = &response[split + 4..];
+    let (mut data, mut trailers) = (None, String::new());
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let payload = rest[5..5 + len].to_vec();
+        if rest[0] & 0x80 == 0 {
+            data = Some(payload);
+        } else {
+            trailers = String::from_utf8_lossy(&payload).into_owned();
+        }
+        rest = &rest[5 + len..];
+    }
+    (data, trailers)
+}
+
+#[tokio::test]
+async fn sigterm_lets_queued_and_running_requests_finish() {
+    let sample = sample_transactions(2).await.expect("sample transactions");
+    let mut worker = Launch::worker("transaction").start().await;
+    let mut launch = Launch::proxy("transaction", &[&worker]);
+    launch.command.env("MPS_GRACE_PERIOD", "300s");
+    let mut proxy = launch.start_proxy().await;
+    proxy.wait_healthy(1, 1).await;
+
+    let running = spawn_prove(&proxy.daemon, &sample.inputs[0]).await;
+    worker.notify.wait_for_status("proving", PROOF_TIMEOUT).await;
+    let queued = spawn_prove(&proxy.daemon, &sample.inputs[1]).await;
+    proxy.daemon.notify.wait_for_status("1/1 workers healthy, queue 1/", START_TIMEOUT).await;
+
+    proxy.daemon.signal(Signal::SIGTERM);
+    proxy.daemon.notify.wait_for_line("STOPPING=1", 0, START_TIMEOUT).await;
+    let late = api(&proxy.daemon).await.prove(tx_request(&sample.inputs[1])).await;
+    assert_eq!(late.expect_err("nothing new is admitted").code(), Code::Unavailable);
+
+    for client in [running, queued] {
+        verify(
+            &client
+                .await
+                .expect("join")
+                .expect("finished within the grace period")
+                .into_inner()
+                .payload,
+        );
+    }
+    let status = proxy.daemon.wait(START_TIMEOUT).await;
+    assert_eq!(status.code(), Some(0), "{}", proxy.daemon.output());
+}

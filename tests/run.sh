@@ -1,0 +1,28 @@
+#!/bin/bash
+# tests/run.sh [CARGO TEST ARGS…]: the test command. Sets up what the tests need on a Debian 12
+# machine, then runs `cargo test --locked`. Needs root: one test starts a private journald with
+# unshare, and missing packages are installed with apt-get.
+#   - systemd-journald (package systemd) and unshare (util-linux) for the journald test;
+#   - promtool, unpacked from Debian's prometheus package into target/tools (not installed,
+#     which would start a Prometheus server), to lint the proxy's metrics.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x /lib/systemd/systemd-journald ] || ! command -v unshare >/dev/null; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd util-linux
+fi
+if [ -z "${PROMTOOL:-}" ]; then
+    PROMTOOL="$PWD/target/tools/usr/bin/promtool"
+    if [ ! -x "$PROMTOOL" ]; then
+        download=$(mktemp -d)
+        (cd "$download" && { apt-get download -q prometheus 2>/dev/null ||
+            { apt-get update -q && apt-get download -q prometheus; }; })
+        mkdir -p target/tools
+        dpkg-deb -x "$download"/prometheus_*.deb target/tools
+        rm -rf "$download"
+    fi
+    export PROMTOOL
+fi
+
+exec cargo test --locked "$@"
