@@ -29,6 +29,9 @@ use tracing::debug;
 use super::{Proxy, RequestMeta};
 use crate::worker::MAX_MESSAGE_SIZE;
 
+/// HTTP/2 flow-control window for streams and connections.
+const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
+
 /// What a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -131,6 +134,14 @@ impl HttpServerApp for Connection {
 
     fn server_options(&self) -> Option<&HttpServerOptions> {
         Some(&self.front.options)
+    }
+
+    /// Pingora's bounded defaults plus flow-control windows that fit a whole request: with
+    /// HTTP/2's 64 KiB default a 170 KB batch waits for `WINDOW_UPDATE` round trips.
+    fn h2_options(&self) -> Option<pingora_core::protocols::http::v2::server::H2Options> {
+        let mut options = pingora_core::protocols::http::v2::server::default_h2_options();
+        options.initial_window_size(WINDOW_SIZE).initial_connection_window_size(WINDOW_SIZE);
+        Some(options)
     }
 }
 

@@ -272,6 +272,18 @@ impl WorkerPool {
             if state.workers.iter().all(|w| w.removed) {
                 return Err(AcquireError::NoWorkers);
             }
+            // A retry that has tried every worker may go back to one of them (once it is free)
+            // rather than wait for a worker that does not exist.
+            let excluded = if state
+                .workers
+                .iter()
+                .filter(|w| !w.removed)
+                .all(|w| excluded.contains(&w.address))
+            {
+                &[][..]
+            } else {
+                excluded
+            };
             if (state.waiters.is_empty() || retry)
                 && let Some(worker) =
                     state.workers.iter_mut().find(|w| w.usable() && !excluded.contains(&w.address))

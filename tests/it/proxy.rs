@@ -60,7 +60,11 @@ async fn two_workers_serve_four_concurrent_clients() {
     let sample = sample_transactions(4).await.expect("sample transactions");
     let w1 = Launch::worker("transaction").start().await;
     let w2 = Launch::worker("transaction").start().await;
-    let mut proxy = Launch::proxy("transaction", &[&w1, &w2]).start_proxy().await;
+    // One worker by host name: names are resolved, not rejected.
+    let mut launch = Launch::proxy("transaction", &[&w1]);
+    let by_name = format!("localhost:{}", w2.addr.port());
+    launch.command.arg(&by_name);
+    let mut proxy = launch.start_proxy().await;
     proxy.wait_healthy(2, 2).await;
 
     let mut clients = Vec::new();
@@ -72,9 +76,9 @@ async fn two_workers_serve_four_concurrent_clients() {
         verify(&proof.into_inner().payload);
     }
     let status = proxy.status_json().await;
-    let served: Vec<u64> = [&w1, &w2]
+    let served: Vec<u64> = [w1.addr.to_string(), by_name]
         .iter()
-        .map(|w| worker_entry(&status, &w.addr.to_string())["requests_served"].as_u64().expect("n"))
+        .map(|address| worker_entry(&status, address)["requests_served"].as_u64().expect("n"))
         .collect();
     assert_eq!(served.iter().sum::<u64>(), 4, "{status}");
     assert!(served.iter().all(|&n| n >= 1), "both workers were used: {status}");

@@ -214,6 +214,12 @@ impl Launch {
     /// A proxy for `kind` on 127.0.0.1 (gRPC, status and metrics on free ports) in front of
     /// `workers`, with health checks every 200 ms and a rate limit high enough for bursts.
     pub fn proxy(kind: &str, workers: &[&Daemon]) -> Self {
+        let addrs: Vec<SocketAddr> = workers.iter().map(|w| w.addr).collect();
+        Launch::proxy_for(kind, &addrs)
+    }
+
+    /// [`Launch::proxy`] for workers given by address (such as the benchmarks' stand-ins).
+    pub fn proxy_for(kind: &str, workers: &[SocketAddr]) -> Self {
         let mut launch = Launch::service(&[]);
         let config = launch.dir.path().join("proxy.toml");
         std::fs::write(&config, "").expect("empty proxy.toml");
@@ -232,7 +238,7 @@ impl Launch {
             "--config",
             config.to_str().expect("utf-8 path"),
         ]);
-        launch.command.args(workers.iter().map(|w| w.addr.to_string()));
+        launch.command.args(workers.iter().map(ToString::to_string));
         launch.command.envs([
             ("MPS_HEALTH_CHECK_INTERVAL", "200ms"),
             ("MPS_HEALTH_CHECK_TIMEOUT", "2s"),
