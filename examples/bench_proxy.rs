@@ -1,0 +1,358 @@
+//! Benchmarks of the proxy, each side by side with its baseline in one run.
+//!
+//! ```sh
+//! cargo build --locked --bins --examples && target/debug/examples/bench_proxy [fake|real|all]
+//! unshare --net sh -c 'ip link set lo up && UPSTREAM_BIN=… target/debug/examples/bench_proxy upstream'
+//! ```
+//!
+//! - `fake`: STAND-IN workers (in this process; they speak the worker's gRPC, answer after a fixed
+//!   50 ms and refuse a second request while busy, like a worker) — 8 of them, 109 KB payloads.
+//!   Added latency: 8 clients through the proxy against 8 clients calling the workers directly
+//!   (one each, no queueing either way). Throughput: 64 clients through the proxy, ≥ 2,000
+//!   requests, against the ideal 8 / 50 ms = 160 requests/s.
+//! - `real`: real proofs. 4 concurrent transaction requests through the proxy and one worker
+//!   against the same 4 proofs in-process one after another (wall ratio, and the proxy's CPU
+//!   seconds from /proc); then batch proofs through the proxy against in-process (medians).
+
+#[allow(dead_code)]
+#[path = "../tests/it/support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use miden_objects::MIN_PROOF_SECURITY_LEVEL;
+use miden_objects::transaction::ProvenTransaction;
+use miden_objects::utils::{Deserializable, Serializable};
+use miden_proving_service::proto::api_client::ApiClient;
+use miden_proving_service::proto::api_server::{Api, ApiServer};
+use miden_proving_service::proto::worker_status_api_server::{
+    WorkerStatusApi, WorkerStatusApiServer,
+};
+use miden_proving_service::proto::{Proof, ProofRequest, ProofType, WorkerStatus};
+use miden_tx::LocalTransactionProver;
+use miden_tx_batch_prover::LocalBatchProver;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+const FAKE_DELAY: Duration = Duration::from_millis(50);
+const PAYLOAD_BYTES: usize = 109_000;
+
+/// STAND-IN worker: same gRPC surface, fixed delay, one request at a time. It reports `version`
+/// (the upstream proxy only accepts workers of its own version).
+#[derive(Clone)]
+struct FakeWorker {
+    busy: Arc<AtomicBool>,
+    version: &'static str,
+}
+
+#[tonic::async_trait]
+impl Api for FakeWorker {
+    async fn prove(&self, _request: Request<ProofRequest>) -> Result<Response<Proof>, Status> {
+        if self.busy.swap(true, Ordering::SeqCst) {
+            return Err(Status::resource_exhausted("Server is busy handling another request"));
+        }
+        tokio::time::sleep(FAKE_DELAY).await;
+        self.busy.store(false, Ordering::SeqCst);
+        Ok(Response::new(Proof { payload: vec![7; 84_000] }))
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerStatusApi for FakeWorker {
+    async fn status(&self, _request: Request<()>) -> Result<Response<WorkerStatus>, Status> {
+        Ok(Response::new(WorkerStatus {
+            version: self.version.to_owned(),
+            supported_proof_type: ProofType::Transaction.into(),
+            busy: self.busy.load(Ordering::SeqCst),
+            requests_served: 0,
+        }))
+    }
+}
+
+async fn start_fake_worker(version: &'static str) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let worker = FakeWorker { busy: Arc::default(), version };
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ApiServer::new(worker.clone()).max_decoding_message_size(1 << 26))
+            .add_service(WorkerStatusApiServer::new(worker))
+            .add_service(health_service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
+async fn client(addr: SocketAddr) -> ApiClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    ApiClient::new(channel).max_decoding_message_size(1 << 26)
+}
+
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // 0 ≤ index < len
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+/// Result of one load run.
+struct Load {
+    /// Latencies of the answered requests, sorted.
+    latencies: Vec<Duration>,
+    /// Requests sent in all.
+    sent: usize,
+    /// Wall time of the run.
+    wall: Duration,
+}
+
+/// One client loop per target, each sending `per_client` requests one after another, until
+/// `deadline`; a request unanswered by then counts as sent, not answered.
+async fn run_load(targets: Vec<SocketAddr>, per_client: usize, deadline: Duration) -> Load {
+    let request =
+        ProofRequest { proof_type: ProofType::Transaction.into(), payload: vec![1; PAYLOAD_BYTES] };
+    let started = Instant::now();
+    let end = tokio::time::Instant::now() + deadline;
+    let mut tasks = Vec::new();
+    for target in targets {
+        let request = request.clone();
+        let mut api = client(target).await;
+        tasks.push(tokio::spawn(async move {
+            let (mut latencies, mut sent) = (Vec::with_capacity(per_client), 0);
+            for _ in 0..per_client {
+                sent += 1;
+                let asked = Instant::now();
+                match tokio::time::timeout_at(end, api.prove(request.clone())).await {
+                    Ok(Ok(_)) => latencies.push(asked.elapsed()),
+                    Ok(Err(status)) => eprintln!("request failed: {status:?}"),
+                    Err(_) => break,
+                }
+            }
+            (latencies, sent)
+        }));
+    }
+    let mut load = Load { latencies: Vec::new(), sent: 0, wall: Duration::ZERO };
+    for task in tasks {
+        let (latencies, sent) = task.await.expect("join");
+        load.latencies.extend(latencies);
+        load.sent += sent;
+    }
+    load.wall = started.elapsed();
+    load.latencies.sort();
+    load
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn report(name: &str, load: &Load) {
+    if load.latencies.is_empty() {
+        println!(
+            "| {name} | 0 of {} answered in {:.1} s | – | – | – |",
+            load.sent,
+            load.wall.as_secs_f64()
+        );
+        return;
+    }
+    println!(
+        "| {name} | {} of {} | {:.1} req/s | {:.2} ms | {:.2} ms |",
+        load.latencies.len(),
+        load.sent,
+        load.latencies.len() as f64 / load.wall.as_secs_f64(),
+        ms(percentile(&load.latencies, 0.5)),
+        ms(percentile(&load.latencies, 0.99))
+    );
+}
+
+async fn fake() {
+    let workers = start_fake_workers(8, env!("CARGO_PKG_VERSION")).await;
+    let mut launch = support::Launch::proxy_for("transaction", &workers);
+    launch.command.env("MPS_MAX_QUEUE_ITEMS", "128");
+    let mut proxy = launch.start_proxy().await;
+    proxy.wait_healthy(8, 8).await;
+
+    let deadline = Duration::from_secs(120);
+    let direct = run_load(workers.clone(), 40, deadline).await;
+    let through = run_load(vec![proxy.daemon.addr; 8], 40, deadline).await;
+    let cpu_before = cpu_seconds(proxy.daemon.pid);
+    let loaded = run_load(vec![proxy.daemon.addr; 64], 2_048 / 64, deadline).await;
+    let cpu = cpu_seconds(proxy.daemon.pid) - cpu_before;
+    println!("## fake workers (stand-ins: 8 × {FAKE_DELAY:?}, {PAYLOAD_BYTES} B payloads)");
+    println!("| rig | answered | throughput | p50 | p99 |");
+    println!("|---|---|---|---|---|");
+    report("8 clients → workers directly", &direct);
+    report("8 clients → proxy", &through);
+    report("64 clients → proxy", &loaded);
+    println!(
+        "added by the proxy (8 clients): p50 {:.2} ms, p99 {:.2} ms; 64 clients: {:.1} % of the ideal 160 req/s; proxy CPU {:.2} s in {:.2} s",
+        ms(percentile(&through.latencies, 0.5)) - ms(percentile(&direct.latencies, 0.5)),
+        ms(percentile(&through.latencies, 0.99)) - ms(percentile(&direct.latencies, 0.99)),
+        loaded.latencies.len() as f64 / loaded.wall.as_secs_f64() / 160.0 * 100.0,
+        cpu,
+        loaded.wall.as_secs_f64(),
+    );
+}
+
+/// The same rig against upstream's proxy (`miden-remote-prover` 0.12.8, path in `UPSTREAM_BIN`).
+/// It binds 0.0.0.0 on fixed ports, so run this inside a network namespace with only loopback:
+/// `unshare --net sh -c 'ip link set lo up && target/debug/examples/bench_proxy upstream'`.
+async fn upstream() {
+    let bin = std::env::var("UPSTREAM_BIN").expect("UPSTREAM_BIN: path of miden-remote-prover");
+    let workers = start_fake_workers(8, "0.12.8").await;
+    let mut command = std::process::Command::new(bin);
+    let list = workers.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    command
+        .args(["start-proxy", "--proof-type", "transaction", "--workers", &list])
+        .args(["--port", "8082", "--control-port", "8083", "--max-req-per-sec", "100000"])
+        .args(["--max-queue-items", "128", "--health-check-interval", "1s"])
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = command.spawn().expect("start the upstream proxy");
+    let proxy: SocketAddr = "127.0.0.1:8082".parse().expect("addr");
+    // Ready once a request is answered (it has no readiness signal).
+    let request = ProofRequest { proof_type: ProofType::Transaction.into(), payload: vec![1; 16] };
+    let started = Instant::now();
+    loop {
+        if let Ok(channel) = Channel::from_static("http://127.0.0.1:8082").connect().await
+            && ApiClient::new(channel).prove(request.clone()).await.is_ok()
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "upstream proxy not answering");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Duration::from_secs(120);
+    let direct = run_load(workers.clone(), 40, deadline).await;
+    let through = run_load(vec![proxy; 8], 40, deadline).await;
+    let cpu_before = cpu_seconds(i32::try_from(child.id()).expect("pid"));
+    let loaded = run_load(vec![proxy; 64], 2_048 / 64, deadline).await;
+    let cpu = cpu_seconds(i32::try_from(child.id()).expect("pid")) - cpu_before;
+    println!("## upstream proxy 0.12.8, same rig");
+    println!("| rig | answered | throughput | p50 | p99 |");
+    println!("|---|---|---|---|---|");
+    report("8 clients → workers directly", &direct);
+    report("8 clients → upstream proxy", &through);
+    report("64 clients → upstream proxy", &loaded);
+    println!("upstream proxy CPU {:.2} s in {:.2} s", cpu, loaded.wall.as_secs_f64());
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+async fn start_fake_workers(n: usize, version: &'static str) -> Vec<SocketAddr> {
+    let mut addrs = Vec::new();
+    for _ in 0..n {
+        addrs.push(start_fake_worker(version).await);
+    }
+    addrs
+}
+
+/// utime + stime of a process, in seconds (from /proc; clock ticks are 100 Hz on Linux).
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after_comm = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / 100.0
+}
+
+async fn real() {
+    let sample = support::fixtures::sample_transactions(4).await.expect("sample");
+    let worker = support::Launch::worker("transaction").start().await;
+    let batch_worker = support::Launch::worker("batch").start().await;
+    let mut proxy = support::Launch::proxy("transaction", &[&worker]).start_proxy().await;
+    let mut batch_proxy = support::Launch::proxy("batch", &[&batch_worker]).start_proxy().await;
+    proxy.wait_healthy(1, 1).await;
+    batch_proxy.wait_healthy(1, 1).await;
+
+    // In-process one after another, and 4 concurrent clients through proxy + 1 worker, in the
+    // order A B B A so that drift (temperature, other load) falls on both alike.
+    let (mut local, mut remote, mut proxy_cpu) = (Duration::ZERO, Duration::ZERO, 0.0);
+    let mut proven = Vec::new();
+    for round in ["local", "proxy", "proxy", "local"] {
+        if round == "local" {
+            let started = Instant::now();
+            for inputs in &sample.inputs {
+                LocalTransactionProver::default().prove(inputs.clone()).expect("prove");
+            }
+            local += started.elapsed();
+            continue;
+        }
+        let cpu_before = cpu_seconds(proxy.daemon.pid);
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for inputs in &sample.inputs {
+            let mut api = client(proxy.daemon.addr).await;
+            let request = ProofRequest {
+                proof_type: ProofType::Transaction.into(),
+                payload: inputs.to_bytes(),
+            };
+            tasks.push(tokio::spawn(async move { api.prove(request).await }));
+        }
+        proven.clear();
+        for task in tasks {
+            let proof = task.await.expect("join").expect("proof").into_inner();
+            proven.push(ProvenTransaction::read_from_bytes(&proof.payload).expect("decodes"));
+        }
+        remote += started.elapsed();
+        proxy_cpu += cpu_seconds(proxy.daemon.pid) - cpu_before;
+    }
+    println!("## real proofs");
+    println!(
+        "4 transactions × 2 rounds: in-process sequential {:.2} s, 4 concurrent via proxy + 1 worker {:.2} s, ratio {:.4}; proxy CPU {:.2} s ({:.3} % of its wall time)",
+        local.as_secs_f64(),
+        remote.as_secs_f64(),
+        remote.as_secs_f64() / local.as_secs_f64(),
+        proxy_cpu,
+        proxy_cpu / remote.as_secs_f64() * 100.0
+    );
+
+    // Batches: median of 50, in turn.
+    let batch = sample.chain.propose_transaction_batch(proven[..2].to_vec()).expect("batch");
+    let payload = batch.to_bytes();
+    let mut api = client(batch_proxy.daemon.addr).await;
+    let (mut local, mut remote) = (Vec::new(), Vec::new());
+    for _ in 0..50 {
+        let started = Instant::now();
+        LocalBatchProver::new(MIN_PROOF_SECURITY_LEVEL).prove(batch.clone()).expect("batch");
+        local.push(started.elapsed());
+        let request =
+            ProofRequest { proof_type: ProofType::Batch.into(), payload: payload.clone() };
+        let started = Instant::now();
+        api.prove(request).await.expect("batch proof");
+        remote.push(started.elapsed());
+    }
+    local.sort();
+    remote.sort();
+    let (l, r) = (percentile(&local, 0.5), percentile(&remote, 0.5));
+    println!(
+        "batch (2 txs, {} B): in-process median {:.3} ms, via proxy + worker median {:.3} ms, added {:.3} ms",
+        payload.len(),
+        l.as_secs_f64() * 1e3,
+        r.as_secs_f64() * 1e3,
+        (r.as_secs_f64() - l.as_secs_f64()) * 1e3
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_owned());
+    if which == "fake" || which == "all" {
+        fake().await;
+    }
+    if which == "real" || which == "all" {
+        real().await;
+    }
+    if which == "upstream" {
+        upstream().await;
+    }
+}
