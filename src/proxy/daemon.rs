@@ -145,11 +145,12 @@ async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<
         }
     }
 
+    // Stop admitting before announcing it, so nothing arrives in between.
+    proxy.pool().close();
+    serving.store(false, Ordering::SeqCst);
     let in_flight = proxy.pool().in_flight();
     info!(in_flight, grace_period = ?settings.grace_period, "stopping: admitting nothing new; finishing queued and running requests");
     systemd::stopping(&format!("stopping: {in_flight} requests to finish"));
-    proxy.pool().close();
-    serving.store(false, Ordering::SeqCst);
     let mut changed = proxy.pool().subscribe();
     let drained = tokio::time::timeout(settings.grace_period, async {
         while proxy.pool().in_flight() > 0 {

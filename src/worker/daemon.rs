@@ -126,10 +126,11 @@ async fn serve_until_stopped(
         }
     }
 
+    // Stop accepting before announcing it, so nothing arrives in between.
+    worker.stop_accepting();
     let busy = worker.is_busy();
     info!(busy, grace_period = ?settings.grace_period, "stopping: no new requests; finishing the proof in flight");
     systemd::stopping(if busy { "stopping: finishing the proof in flight" } else { "stopping" });
-    worker.stop_accepting();
     let _ = stop.send(());
     match tokio::time::timeout(settings.grace_period, &mut server).await {
         Ok(Ok(Ok(()))) => info!("stopped"),
