@@ -73,6 +73,9 @@ pub enum AcquireError {
 }
 
 struct WorkerEntry {
+    /// Unique for the pool's life: a worker removed while busy and added again is a new entry,
+    /// and each lease frees its own.
+    id: u64,
     address: String,
     channel: Channel,
     version: String,
@@ -100,6 +103,7 @@ struct Waiter {
 
 /// A worker handed to a waiter; becomes a [`Lease`] on receipt.
 struct Grant {
+    worker: u64,
     address: String,
     channel: Channel,
 }
@@ -108,6 +112,7 @@ struct State {
     workers: Vec<WorkerEntry>,
     waiters: VecDeque<Waiter>,
     next_waiter: u64,
+    next_worker: u64,
     max_queue: usize,
     closed: bool,
     /// Requests admitted (queued or running) and not yet finished, for the shutdown drain.
@@ -127,6 +132,7 @@ pub struct WorkerPool {
 /// One request's hold on one worker; dropping it frees the worker.
 pub struct Lease {
     pool: Arc<WorkerPool>,
+    worker: u64,
     address: String,
     channel: Channel,
 }
@@ -145,7 +151,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.pool.release(&self.address);
+        self.pool.release(self.worker);
     }
 }
 
@@ -171,6 +177,7 @@ impl WorkerPool {
                 workers: Vec::new(),
                 waiters: VecDeque::new(),
                 next_waiter: 0,
+                next_worker: 0,
                 max_queue,
                 closed: false,
                 in_flight: 0,
@@ -201,7 +208,8 @@ impl WorkerPool {
     }
 
     /// Adds a worker (unchecked: it takes requests once a health check passes). Returns false
-    /// when it is already present.
+    /// when it is already present (a present worker named by the configuration becomes a
+    /// configured one). Does no network I/O: the channel connects on first use.
     pub fn add(&self, address: &str, origin: Origin) -> Result<bool, String> {
         crate::config::check_worker_address(address)?;
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
@@ -213,10 +221,19 @@ impl WorkerPool {
             .initial_stream_window_size(Some(16 << 20))
             .initial_connection_window_size(Some(16 << 20));
         let mut state = self.lock();
-        if state.workers.iter().any(|w| w.address == address && !w.removed) {
+        if let Some(present) = state.workers.iter_mut().find(|w| w.address == address && !w.removed)
+        {
+            // The configuration adopts a worker added at run time, so that a later reload
+            // that drops it from the file removes it.
+            if origin == Origin::Config {
+                present.origin = Origin::Config;
+            }
             return Ok(false);
         }
+        let id = state.next_worker;
+        state.next_worker += 1;
         state.workers.push(WorkerEntry {
+            id,
             address: address.to_owned(),
             channel: endpoint.connect_lazy(),
             version: String::new(),
@@ -291,6 +308,7 @@ impl WorkerPool {
                 worker.busy = true;
                 let lease = Lease {
                     pool: Arc::clone(self),
+                    worker: worker.id,
                     address: worker.address.clone(),
                     channel: worker.channel.clone(),
                 };
@@ -323,13 +341,18 @@ impl WorkerPool {
             .await
             .map_err(|_| AcquireError::ShuttingDown)?;
         waiting.receiver = None;
-        Ok(Lease { pool: Arc::clone(self), address: grant.address, channel: grant.channel })
+        Ok(Lease {
+            pool: Arc::clone(self),
+            worker: grant.worker,
+            address: grant.address,
+            channel: grant.channel,
+        })
     }
 
     /// Frees a worker and hands it to the first waiter that may use it.
-    fn release(&self, address: &str) {
+    fn release(&self, worker: u64) {
         let mut state = self.lock();
-        if let Some(index) = state.workers.iter().position(|w| w.address == address && w.busy) {
+        if let Some(index) = state.workers.iter().position(|w| w.id == worker) {
             let worker = &mut state.workers[index];
             worker.busy = false;
             worker.served += 1;
@@ -453,7 +476,11 @@ fn dispatch(state: &mut State) {
             continue;
         };
         let waiter = state.waiters.remove(index).expect("index < len");
-        let grant = Grant { address: worker.address.clone(), channel: worker.channel.clone() };
+        let grant = Grant {
+            worker: worker.id,
+            address: worker.address.clone(),
+            channel: worker.channel.clone(),
+        };
         if waiter.grant.send(grant).is_ok() {
             worker.busy = true;
         }
@@ -480,11 +507,11 @@ impl Drop for Waiting {
         let left_queue = state.waiters.len() != before;
         // Granted under the lock before we took it: give the worker back.
         if let Ok(grant) = receiver.try_recv()
-            && let Some(worker) = state.workers.iter_mut().find(|w| w.address == grant.address)
+            && let Some(index) = state.workers.iter().position(|w| w.id == grant.worker)
         {
-            worker.busy = false;
-            if worker.removed {
-                state.workers.retain(|w| w.address != grant.address || !w.removed);
+            state.workers[index].busy = false;
+            if state.workers[index].removed {
+                state.workers.remove(index);
             }
             dispatch(&mut state);
         }
