@@ -508,7 +508,8 @@ impl<'a> Check<'a> {
     /// A key whose default is "unset": `None` when the key failed, `Some(None)` when unset.
     #[allow(clippy::option_option)]
     fn optional<T: DeserializeOwned>(&mut self, key: &str) -> Option<Option<T>> {
-        if self.figment.contains(key) { self.get::<T>(key).map(Some) } else { Some(None) }
+        // The default serialises as an empty value, which an `Option` reads as `None`.
+        if self.figment.contains(key) { self.get::<Option<T>>(key) } else { Some(None) }
     }
 
     /// A list of worker addresses; each is checked, and every bad one reported.
