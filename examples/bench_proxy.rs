@@ -19,73 +19,22 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use miden_objects::MIN_PROOF_SECURITY_LEVEL;
 use miden_objects::transaction::ProvenTransaction;
 use miden_objects::utils::{Deserializable, Serializable};
 use miden_proving_service::proto::api_client::ApiClient;
-use miden_proving_service::proto::api_server::{Api, ApiServer};
-use miden_proving_service::proto::worker_status_api_server::{
-    WorkerStatusApi, WorkerStatusApiServer,
-};
-use miden_proving_service::proto::{Proof, ProofRequest, ProofType, WorkerStatus};
+use miden_proving_service::proto::{ProofRequest, ProofType};
 use miden_tx::LocalTransactionProver;
 use miden_tx_batch_prover::LocalBatchProver;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
 
 const FAKE_DELAY: Duration = Duration::from_millis(50);
 const PAYLOAD_BYTES: usize = 109_000;
 
-/// STAND-IN worker: same gRPC surface, fixed delay, one request at a time. It reports `version`
-/// (the upstream proxy only accepts workers of its own version).
-#[derive(Clone)]
-struct FakeWorker {
-    busy: Arc<AtomicBool>,
-    version: &'static str,
-}
-
-#[tonic::async_trait]
-impl Api for FakeWorker {
-    async fn prove(&self, _request: Request<ProofRequest>) -> Result<Response<Proof>, Status> {
-        if self.busy.swap(true, Ordering::SeqCst) {
-            return Err(Status::resource_exhausted("Server is busy handling another request"));
-        }
-        tokio::time::sleep(FAKE_DELAY).await;
-        self.busy.store(false, Ordering::SeqCst);
-        Ok(Response::new(Proof { payload: vec![7; 84_000] }))
-    }
-}
-
-#[tonic::async_trait]
-impl WorkerStatusApi for FakeWorker {
-    async fn status(&self, _request: Request<()>) -> Result<Response<WorkerStatus>, Status> {
-        Ok(Response::new(WorkerStatus {
-            version: self.version.to_owned(),
-            supported_proof_type: ProofType::Transaction.into(),
-            busy: self.busy.load(Ordering::SeqCst),
-            requests_served: 0,
-        }))
-    }
-}
-
 async fn start_fake_worker(version: &'static str) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    let worker = FakeWorker { busy: Arc::default(), version };
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(ApiServer::new(worker.clone()).max_decoding_message_size(1 << 26))
-            .add_service(WorkerStatusApiServer::new(worker))
-            .add_service(health_service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    addr
+    support::standin::start(version, FAKE_DELAY).await.0
 }
 
 async fn client(addr: SocketAddr) -> ApiClient<Channel> {

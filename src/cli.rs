@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    ConfigFile, DEFAULT_PROXY_CONFIG, DEFAULT_WORKER_CONFIG, ProxyConfigSource, ProxyFlags,
-    WorkerConfigSource, WorkerFlags,
+    ConfigFile, DEFAULT_CONTROL_SOCKET, DEFAULT_PROXY_CONFIG, DEFAULT_WORKER_CONFIG,
+    ProxyConfigSource, ProxyFlags, WorkerConfigSource, WorkerFlags,
 };
 
 /// The Miden proving service: a gRPC prover worker for transactions, batches or blocks.
@@ -27,6 +27,38 @@ pub enum Command {
     StartWorker(WorkerArgs),
     /// Start a proxy that queues requests and spreads them over workers.
     StartProxy(ProxyArgs),
+    /// Add workers to a running proxy over its control socket (as `minedctl add-worker`).
+    AddWorkers(ControlArgs),
+    /// Remove workers from a running proxy over its control socket (as `minedctl remove-worker`).
+    RemoveWorkers(ControlArgs),
+}
+
+/// `add-workers` / `remove-workers`: the seed's commands, now over the root-only control socket.
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    /// Worker addresses, host:port.
+    #[arg(required = true, value_name = "ADDR")]
+    pub workers: Vec<String>,
+    /// The proxy's control socket (its setting `control_socket`).
+    #[arg(long, value_name = "PATH", env = "MPS_CONTROL_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
+    pub socket: PathBuf,
+    /// The seed's TCP control port; gone: the proxy listens on a root-only Unix socket instead.
+    #[arg(long, hide = true, value_name = "PORT")]
+    pub control_port: Option<u16>,
+}
+
+impl ControlArgs {
+    /// Refuses the seed's `--control-port` with what to use instead.
+    pub fn check(&self) -> Result<(), String> {
+        match self.control_port {
+            Some(port) => Err(format!(
+                "--control-port {port}: the proxy has no control port any more; it listens on the \
+                 root-only Unix socket {} (--socket PATH); run as root",
+                self.socket.display()
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// `start-worker` flags; each overrides `MPS_WORKER_*` and the file.

@@ -168,6 +168,10 @@ impl WorkerConfigSource {
 /// Where the proxy reads its file when `--config` is not given.
 pub const DEFAULT_PROXY_CONFIG: &str = "/etc/miden-prover-proxy/proxy.toml";
 
+/// Where the proxy's control socket lives unless `control_socket` says otherwise; systemd's
+/// `RuntimeDirectory=miden-prover-proxy` makes its directory, mode 0700.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/miden-prover-proxy/control.sock";
+
 /// The proxy's built-in defaults (upstream's where it had one); every key the file accepts.
 #[derive(Serialize)]
 struct ProxyDefaults {
@@ -188,6 +192,7 @@ struct ProxyDefaults {
     grace_period: &'static str,
     graceful_shutdown_timeout: &'static str,
     log_filter: &'static str,
+    control_socket: &'static str,
 }
 
 const PROXY_DEFAULTS: ProxyDefaults = ProxyDefaults {
@@ -208,6 +213,7 @@ const PROXY_DEFAULTS: ProxyDefaults = ProxyDefaults {
     grace_period: "20s",
     graceful_shutdown_timeout: "5s",
     log_filter: "info",
+    control_socket: DEFAULT_CONTROL_SOCKET,
 };
 
 const PROXY_KEYS: &[&str] = &[
@@ -228,6 +234,7 @@ const PROXY_KEYS: &[&str] = &[
     "grace_period",
     "graceful_shutdown_timeout",
     "log_filter",
+    "control_socket",
 ];
 
 /// Validated proxy settings.
@@ -267,6 +274,8 @@ pub struct ProxySettings {
     pub graceful_shutdown_timeout: Duration,
     /// Log filter directives (`RUST_LOG` syntax).
     pub log_filter: String,
+    /// The root-only Unix socket `minedctl` talks to; `None` (set to "") runs without one.
+    pub control_socket: Option<PathBuf>,
 }
 
 /// Values given on the command line; `None` leaves the lower layers in force.
@@ -333,6 +342,11 @@ impl ProxyConfigSource {
         let grace_period = check.duration("grace_period");
         let graceful_shutdown_timeout = check.duration("graceful_shutdown_timeout");
         let log_filter = check.log_filter("log_filter");
+        let control_socket = check.parse("control_socket", |s: String| match s.as_str() {
+            "" => Ok(None),
+            path if path.starts_with('/') => Ok(Some(PathBuf::from(path))),
+            path => Err(format!("`{path}` is not an absolute path (\"\" turns the socket off)")),
+        });
         check.finish()?;
         Ok(ProxySettings {
             workers: workers.unwrap_or_else(missing),
@@ -352,6 +366,7 @@ impl ProxyConfigSource {
             grace_period: grace_period.unwrap_or_else(missing),
             graceful_shutdown_timeout: graceful_shutdown_timeout.unwrap_or_else(missing),
             log_filter: log_filter.unwrap_or_else(missing),
+            control_socket: control_socket.unwrap_or_else(missing),
         })
     }
 }
@@ -683,6 +698,40 @@ mod tests {
             };
             let err = missing.load().expect_err("missing explicit file");
             assert!(err.to_string().contains("nope.toml: the configuration file does not exist"));
+            Ok(())
+        });
+    }
+
+    fn proxy_source() -> ProxyConfigSource {
+        ProxyConfigSource {
+            file: ConfigFile { path: PathBuf::from("proxy.toml"), explicit: false },
+            flags: ProxyFlags::default(),
+        }
+    }
+
+    #[test]
+    fn the_control_socket_defaults_to_run_is_absolute_and_can_be_turned_off() {
+        Jail::expect_with(|jail| {
+            let settings = proxy_source().load().expect("defaults are valid");
+            assert_eq!(
+                settings.control_socket.as_deref(),
+                Some(Path::new("/run/miden-prover-proxy/control.sock"))
+            );
+            jail.set_env("MPS_CONTROL_SOCKET", "");
+            assert_eq!(proxy_source().load().expect("valid").control_socket, None);
+            jail.set_env("MPS_CONTROL_SOCKET", "control.sock");
+            let err = proxy_source().load().expect_err("relative");
+            assert!(
+                err.to_string().contains(
+                    "environment variable MPS_CONTROL_SOCKET: `control.sock` is not an absolute path"
+                ),
+                "{err}"
+            );
+            jail.set_env("MPS_CONTROL_SOCKET", "/tmp/x/control.sock");
+            jail.set_env("MPS_WORKERS", "[\"10.0.0.7:50051\", \"prover.internal:50052\"]");
+            let settings = proxy_source().load().expect("valid");
+            assert_eq!(settings.control_socket.as_deref(), Some(Path::new("/tmp/x/control.sock")));
+            assert_eq!(settings.workers, ["10.0.0.7:50051", "prover.internal:50052"]);
             Ok(())
         });
     }

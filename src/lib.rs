@@ -6,12 +6,18 @@
 //! handles signals → [`worker`] admits one `Prove` call at a time and runs it on a blocking thread →
 //! [`prover`], the only module that names Miden types, decodes the payload and proves it.
 //!
+//! The proxy ([`proxy`]) queues requests and spreads them over workers; [`control`] lets an
+//! operator change its workers at run time (`minedctl`) over a root-only Unix socket.
+//!
 //! - [`proto`]: generated gRPC code of the wire contract (`proto/remote_prover.proto`).
 //! - [`ProofKind`]: transaction, batch or block.
 
+pub mod assets;
 pub mod cli;
 pub mod config;
+pub mod control;
 mod kind;
+pub mod process;
 pub mod proto;
 pub mod prover;
 pub mod proxy;

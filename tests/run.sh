@@ -1,16 +1,20 @@
 #!/bin/bash
 # tests/run.sh [CARGO TEST ARGS…]: the test command. Sets up what the tests need on a Debian 12
 # machine, then runs `cargo test --locked`. Needs root: one test starts a private journald with
-# unshare, and missing packages are installed with apt-get.
+# unshare, the control-socket tests call the proxy as uid 65534, and missing packages are
+# installed with apt-get.
 #   - systemd-journald (package systemd) and unshare (util-linux) for the journald test;
+#   - dbus-send (dbus-bin), an independent D-Bus client of the control socket;
 #   - promtool, unpacked from Debian's prometheus package into target/tools (not installed,
 #     which would start a Prometheus server), to lint the proxy's metrics.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x /lib/systemd/systemd-journald ] || ! command -v unshare >/dev/null; then
+if [ ! -x /lib/systemd/systemd-journald ] || ! command -v unshare >/dev/null ||
+    ! command -v dbus-send >/dev/null; then
     apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd util-linux
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        systemd util-linux dbus-bin
 fi
 if [ -z "${PROMTOOL:-}" ]; then
     PROMTOOL="$PWD/target/tools/usr/bin/promtool"

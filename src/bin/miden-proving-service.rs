@@ -1,14 +1,28 @@
-//! `miden-proving-service`: parse the command line and hand over to the daemon.
+//! `miden-proving-service`: parse the command line and hand over to the daemon or the control
+//! client.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use miden_proving_service::cli::{Cli, Command};
+use miden_proving_service::cli::{Cli, Command, ControlArgs};
+use miden_proving_service::control::client::{self, CtlCommand};
 use miden_proving_service::{proxy, worker};
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::StartWorker(args) => worker::daemon::main(&args.config_source()),
         Command::StartProxy(args) => proxy::daemon::main(&args.config_source()),
+        Command::AddWorkers(args) => control(args, |workers| CtlCommand::AddWorker { workers }),
+        Command::RemoveWorkers(args) => {
+            control(args, |workers| CtlCommand::RemoveWorker { workers })
+        }
     }
+}
+
+fn control(args: ControlArgs, command: impl FnOnce(Vec<String>) -> CtlCommand) -> ExitCode {
+    if let Err(message) = args.check() {
+        eprintln!("miden-proving-service: {message}");
+        return ExitCode::from(2);
+    }
+    client::run(&args.socket, &command(args.workers))
 }

@@ -15,10 +15,9 @@ use super::front::{self, Role};
 use super::pool::Origin;
 use super::{Proxy, health};
 use crate::config::{ProxyConfigSource, ProxySettings};
-use crate::systemd;
+use crate::control::{self, Control, ReloadRequest};
 use crate::telemetry::Telemetry;
-use crate::worker::daemon::EXIT_CONFIG;
-use crate::worker::error_chain;
+use crate::{process, systemd};
 
 /// Why the proxy stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -40,37 +39,14 @@ pub enum DaemonError {
     /// A signal handler could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    /// The control socket could not be created.
+    #[error(transparent)]
+    Control(#[from] crate::control::socket::SocketError),
 }
 
 /// Runs a proxy from `source` until SIGTERM; the process entry point of `start-proxy`.
 pub fn main(source: &ProxyConfigSource) -> ExitCode {
-    let settings = match source.load() {
-        Ok(settings) => settings,
-        Err(err) => {
-            eprintln!("miden-prover-proxy: {err}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("miden-prover-proxy: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let code = runtime.block_on(async {
-        match run(source, settings).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                let message = error_chain(&err);
-                error!("{message}");
-                eprintln!("miden-prover-proxy: {message}");
-                ExitCode::FAILURE
-            }
-        }
-    });
-    runtime.shutdown_timeout(Duration::from_millis(100));
-    code
+    process::run_daemon("miden-prover-proxy", source.load(), |settings| run(source, settings))
 }
 
 async fn bind(
@@ -90,6 +66,7 @@ async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<
         Some(port) => Some(bind(settings.bind_address, port, "metrics_port").await?),
         None => None,
     };
+    let control = settings.control_socket.as_deref().map(control::socket::bind).transpose()?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
@@ -104,6 +81,7 @@ async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<
         address = %local(&main),
         status = %local(&status),
         metrics = %metrics.as_ref().map_or_else(|| "off".to_owned(), local),
+        control = %control.as_ref().map_or_else(|| "off".to_owned(), |c| c.path().display().to_string()),
         workers = settings.workers.len(),
         "proxy listening on {}",
         local(&main)
@@ -125,6 +103,11 @@ async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<
             ));
         }
     }
+    let (reload_requests, mut reloads) = tokio::sync::mpsc::channel::<ReloadRequest>(4);
+    if let Some(listener) = control {
+        let control = Control::new(Arc::clone(&proxy), reload_requests);
+        tasks.spawn(control::socket::serve(listener, control, stopped.clone()));
+    }
     let checker = {
         let proxy = Arc::clone(&proxy);
         tokio::spawn(health::run(Arc::clone(proxy.pool()), proxy.kind(), move || {
@@ -141,18 +124,40 @@ async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = sighup.recv() => reload(source, &mut settings, &telemetry, &proxy),
+            _ = sighup.recv() => {
+                let _ = reload(source, &mut settings, &telemetry, &proxy);
+            }
+            Some(reply) = reloads.recv() => {
+                let _ = reply.send(reload(source, &mut settings, &telemetry, &proxy));
+            }
         }
     }
+    // Reloads asked for from now on are answered "shutting down".
+    drop(reloads);
 
     // Stop admitting before announcing it, so nothing arrives in between.
     proxy.pool().close();
     serving.store(false, Ordering::SeqCst);
+    drain(&proxy, settings.grace_period).await;
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(settings.graceful_shutdown_timeout, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    checker.abort();
+    reporter.abort();
+    info!("stopped");
+    telemetry.shutdown();
+    Ok(())
+}
+
+/// Lets queued and running requests finish within `grace_period`; the pool admits nothing new.
+async fn drain(proxy: &Proxy, grace_period: Duration) {
     let in_flight = proxy.pool().in_flight();
-    info!(in_flight, grace_period = ?settings.grace_period, "stopping: admitting nothing new; finishing queued and running requests");
+    info!(in_flight, grace_period = ?grace_period, "stopping: admitting nothing new; finishing queued and running requests");
     systemd::stopping(&format!("stopping: {in_flight} requests to finish"));
     let mut changed = proxy.pool().subscribe();
-    let drained = tokio::time::timeout(settings.grace_period, async {
+    let drained = tokio::time::timeout(grace_period, async {
         while proxy.pool().in_flight() > 0 {
             if changed.changed().await.is_err() {
                 break;
@@ -166,16 +171,6 @@ async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<
             "grace period over; dropping the requests still running"
         );
     }
-    let _ = stop.send(true);
-    let _ = tokio::time::timeout(settings.graceful_shutdown_timeout, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    checker.abort();
-    reporter.abort();
-    info!("stopped");
-    telemetry.shutdown();
-    Ok(())
 }
 
 /// Keeps `STATUS=` current: "2/3 workers healthy, queue 1/10".
@@ -192,15 +187,15 @@ async fn report_status(proxy: Arc<Proxy>) {
     }
 }
 
-/// SIGHUP: re-reads file and environment; reconciles the configured workers (run-time additions
-/// stay), applies live settings and names those that need a restart. A broken file changes
-/// nothing.
+/// SIGHUP or the control plane's `Reload`: re-reads file and environment; reconciles the
+/// configured workers (run-time additions stay), applies live settings and names those that need
+/// a restart. A broken file changes nothing. Returns what changed, or why nothing did.
 fn reload(
     source: &ProxyConfigSource,
     settings: &mut ProxySettings,
     telemetry: &Telemetry,
     proxy: &Proxy,
-) {
+) -> Result<String, String> {
     systemd::reloading();
     let new = match source.load() {
         Ok(new) => new,
@@ -208,7 +203,7 @@ fn reload(
             error!("reload failed; the running configuration stays in force: {err}");
             let first = err.problems.first().map_or("", String::as_str);
             systemd::ready(&format!("{}; reload failed: {first}", proxy.status_line()));
-            return;
+            return Err(err.to_string());
         }
     };
     let mut restart = Vec::new();
@@ -227,19 +222,25 @@ fn reload(
     if new.prover_type != settings.prover_type {
         restart.push("prover_type");
     }
+    if new.control_socket != settings.control_socket {
+        restart.push("control_socket");
+    }
     if !restart.is_empty() {
         warn!(settings = %restart.join(", "), "changed settings take effect only after a restart");
     }
     let pool = proxy.pool();
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
     for worker in pool.snapshot() {
         if worker.origin == Origin::Config && !new.workers.contains(&worker.address) {
             pool.remove(&worker.address);
             info!(worker = %worker.address, "worker removed (no longer in the configuration)");
+            removed.push(worker.address);
         }
     }
     for address in &new.workers {
         if let Ok(true) = pool.add(address, Origin::Config) {
             info!(worker = %address, "worker added from the configuration");
+            added.push(address.clone());
         }
     }
     if new.log_filter != settings.log_filter
@@ -248,14 +249,29 @@ fn reload(
         warn!(error = %err, "keeping the previous log filter");
     }
     proxy.set_live(&new);
-    let (bind_address, port, status_port, metrics_port, prover_type) = (
-        settings.bind_address,
-        settings.port,
-        settings.status_port,
-        settings.metrics_port,
-        settings.prover_type,
+    let kept = settings.clone();
+    *settings = ProxySettings {
+        prover_type: kept.prover_type,
+        bind_address: kept.bind_address,
+        port: kept.port,
+        status_port: kept.status_port,
+        metrics_port: kept.metrics_port,
+        control_socket: kept.control_socket,
+        ..new
+    };
+    let list = |workers: &[String]| {
+        if workers.is_empty() { "none".to_owned() } else { workers.join(", ") }
+    };
+    let mut summary = format!(
+        "configuration reloaded; workers added: {}; removed: {}",
+        list(&added),
+        list(&removed)
     );
-    *settings = ProxySettings { prover_type, bind_address, port, status_port, metrics_port, ..new };
-    info!("configuration reloaded");
+    if !restart.is_empty() {
+        summary.push_str("; needs a restart to change: ");
+        summary.push_str(&restart.join(", "));
+    }
+    info!("{summary}");
     systemd::ready(&proxy.status_line());
+    Ok(summary)
 }

@@ -2,20 +2,15 @@
 //! drains on SIGTERM/SIGINT within the grace period.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-use super::{Worker, error_chain, serve};
+use super::{Worker, serve};
 use crate::config::{WorkerConfigSource, WorkerSettings};
-use crate::systemd;
 use crate::telemetry::Telemetry;
-
-/// Exit status for an invalid configuration (`EX_CONFIG` from sysexits.h), so a unit can set
-/// `RestartPreventExitStatus=78` instead of restarting into the same error.
-pub const EXIT_CONFIG: u8 = 78;
+use crate::{process, systemd};
 
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -42,34 +37,7 @@ pub enum DaemonError {
 
 /// Runs a worker from `source` until SIGTERM; the process entry point of `start-worker`.
 pub fn main(source: &WorkerConfigSource) -> ExitCode {
-    let settings = match source.load() {
-        Ok(settings) => settings,
-        Err(err) => {
-            eprintln!("miden-prover: {err}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("miden-prover: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let code = runtime.block_on(async {
-        match run(source, settings).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                let message = error_chain(&err);
-                error!("{message}");
-                eprintln!("miden-prover: {message}");
-                ExitCode::FAILURE
-            }
-        }
-    });
-    // A proof abandoned after the grace period must not hold the process open.
-    runtime.shutdown_timeout(Duration::from_millis(100));
-    code
+    process::run_daemon("miden-prover", source.load(), |settings| run(source, settings))
 }
 
 async fn run(source: &WorkerConfigSource, mut settings: WorkerSettings) -> Result<(), DaemonError> {

@@ -18,6 +18,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span, field, info, info_span, warn};
 
+use crate::process::error_chain;
 use crate::proto::api_server::{Api, ApiServer};
 use crate::proto::worker_status_api_server::{WorkerStatusApi, WorkerStatusApiServer};
 use crate::proto::{self, ProofType};
@@ -91,18 +92,6 @@ impl WorkerError {
             WorkerError::Panicked(..) => "panicked",
         }
     }
-}
-
-/// "outer: cause: root cause", so the client and the log see why, not only what.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// A worker for one proof kind; clones share state.

@@ -2,6 +2,7 @@
 //! real `NOTIFY_SOCKET`, discovers the port each bound from `/proc`, and talks gRPC to them.
 
 pub mod fixtures;
+pub mod standin;
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, IoSliceMut};
@@ -36,6 +37,14 @@ pub fn bin() -> PathBuf {
         .join("miden-proving-service");
     assert!(path.exists(), "{} is missing: run `cargo build --bins` first", path.display());
     path
+}
+
+/// `minedctl`, found like [`bin`].
+pub fn minedctl() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_minedctl") {
+        return PathBuf::from(path);
+    }
+    bin().with_file_name("minedctl")
 }
 
 /// How long a daemon may take to report `READY=1`.
@@ -245,6 +254,7 @@ impl Launch {
             ("MPS_CONNECTION_TIMEOUT", "2s"),
             ("MPS_MAX_REQ_PER_SEC", "1000"),
         ]);
+        launch.command.env("MPS_CONTROL_SOCKET", launch.dir.path().join("control.sock"));
         launch
     }
 
@@ -252,18 +262,23 @@ impl Launch {
     pub async fn start_proxy(self) -> Proxy {
         let mut daemon = self.start().await;
         daemon.wait_for_output("proxy listening on", START_TIMEOUT).await;
-        let field = |name: &str| -> SocketAddr {
+        let field = |name: &str| -> String {
             let output = daemon.output();
             let line = output.lines().find(|l| l.contains("proxy listening on")).expect("line");
             let value = line
                 .split_whitespace()
                 .find_map(|word| word.strip_prefix(&format!("{name}=")))
                 .unwrap_or_else(|| panic!("no {name}= in {line}"));
-            value.trim_matches('"').parse().unwrap_or_else(|_| panic!("{name}={value}"))
+            value.trim_matches('"').to_owned()
         };
-        let (grpc, status, metrics) = (field("address"), field("status"), field("metrics"));
+        let addr = |name: &str| -> SocketAddr {
+            let value = field(name);
+            value.parse().unwrap_or_else(|_| panic!("{name}={value}"))
+        };
+        let (grpc, status, metrics) = (addr("address"), addr("status"), addr("metrics"));
+        let control = PathBuf::from(field("control"));
         daemon.addr = grpc;
-        Proxy { daemon, status, metrics }
+        Proxy { daemon, status, metrics, control }
     }
 
     /// Starts the process and waits for `READY=1`; panics with its output if it does not come.
@@ -446,6 +461,8 @@ pub struct Proxy {
     pub status: SocketAddr,
     /// Prometheus `GET /metrics`.
     pub metrics: SocketAddr,
+    /// The control socket ("off" when disabled).
+    pub control: PathBuf,
 }
 
 impl Proxy {

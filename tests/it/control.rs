@@ -1,0 +1,398 @@
+//! The control plane against a real proxy process: `minedctl` and `dbus-send` on the control
+//! socket, the peer-credential and file-mode refusals of a non-root caller, SIGHUP and `Reload`
+//! reconciliation, and worker churn while requests stream through.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use miden_objects::MIN_PROOF_SECURITY_LEVEL;
+use miden_objects::transaction::ProvenTransaction;
+use miden_objects::utils::{Deserializable, Serializable};
+use miden_proving_service::proto::api_client::ApiClient;
+use miden_proving_service::proto::{ProofRequest, ProofType};
+use miden_tx::TransactionVerifier;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+use crate::support::fixtures::sample_transactions;
+use crate::support::{Launch, Proxy, START_TIMEOUT, clean_env, minedctl, standin};
+
+/// Runs `minedctl --socket SOCKET ARGS…` as the current user.
+fn ctl(socket: &Path, args: &[&str]) -> Output {
+    let mut command = Command::new(minedctl());
+    clean_env(&mut command);
+    command.arg("--socket").arg(socket).args(args);
+    command.output().expect("run minedctl")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// `minedctl workers --json`, as (address, origin) pairs, sorted.
+fn worker_set(socket: &Path) -> Vec<(String, String)> {
+    let output = ctl(socket, &["workers", "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let workers: Vec<Value> = serde_json::from_slice(&output.stdout).expect("workers JSON");
+    let mut set: Vec<(String, String)> = workers
+        .iter()
+        .map(|w| {
+            (
+                w["address"].as_str().expect("address").to_owned(),
+                w["origin"].as_str().expect("origin").to_owned(),
+            )
+        })
+        .collect();
+    set.sort();
+    set
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut set: Vec<(String, String)> =
+        list.iter().map(|(a, o)| ((*a).to_owned(), (*o).to_owned())).collect();
+    set.sort();
+    set
+}
+
+fn assert_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the control-plane tests switch to uid 65534 and need root (CI runs them as root)"
+    );
+}
+
+#[tokio::test]
+async fn minedctl_adds_lists_and_removes_workers_and_an_added_worker_serves() {
+    let sample = sample_transactions(1).await.expect("sample transaction");
+    let first = Launch::worker("transaction").start().await;
+    let second = Launch::worker("transaction").start().await;
+    let mut proxy = Launch::proxy("transaction", &[&first]).start_proxy().await;
+    proxy.wait_healthy(1, 1).await;
+    let socket = proxy.control.clone();
+    let (a, b) = (first.addr.to_string(), second.addr.to_string());
+
+    let added = ctl(&socket, &["add-worker", &b]);
+    assert!(added.status.success(), "{}", stderr(&added));
+    assert_eq!(stdout(&added), format!("added worker {b}\n"));
+    let again = ctl(&socket, &["add-worker", &b]);
+    assert!(again.status.success(), "adding a present worker is a no-op: {}", stderr(&again));
+    assert_eq!(stdout(&again), format!("worker {b} is already present\n"));
+    assert_eq!(worker_set(&socket), pairs(&[(&a, "config"), (&b, "runtime")]));
+    proxy.wait_healthy(2, 2).await;
+
+    // Mistakes are refused with their text; usage errors exit 2.
+    let malformed = ctl(&socket, &["add-worker", "10.0.0.7"]);
+    assert_eq!(malformed.status.code(), Some(1));
+    assert!(stderr(&malformed).contains("`10.0.0.7` is not host:port"), "{}", stderr(&malformed));
+    let unknown = ctl(&socket, &["remove-worker", "10.0.0.7:50051"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(stderr(&unknown).contains("no such worker: 10.0.0.7:50051"), "{}", stderr(&unknown));
+    assert_eq!(ctl(&socket, &["add-worker"]).status.code(), Some(2));
+    assert_eq!(worker_set(&socket), pairs(&[(&a, "config"), (&b, "runtime")]));
+
+    // Remove the configured worker: the one added at run time now serves the request.
+    let removed = ctl(&socket, &["remove-worker", &a]);
+    assert!(removed.status.success(), "{}", stderr(&removed));
+    assert_eq!(worker_set(&socket), pairs(&[(&b, "runtime")]));
+    let mut client = proxy.daemon.api().await;
+    let request = ProofRequest {
+        proof_type: ProofType::Transaction.into(),
+        payload: sample.inputs[0].to_bytes(),
+    };
+    let proof = client.prove(request).await.expect("proved through the added worker");
+    let proven = ProvenTransaction::read_from_bytes(&proof.get_ref().payload).expect("decodes");
+    TransactionVerifier::new(MIN_PROOF_SECURITY_LEVEL).verify(&proven).expect("verifies");
+    assert_eq!(second.worker_status().await.requests_served, 1);
+    assert_eq!(first.worker_status().await.requests_served, 0);
+
+    let table = stdout(&ctl(&socket, &["workers"]));
+    assert!(table.starts_with("ADDRESS"), "{table}");
+    assert!(
+        table.contains(&b) && table.contains("healthy") && table.contains("runtime"),
+        "{table}"
+    );
+    let status = stdout(&ctl(&socket, &["status"]));
+    assert!(
+        status.contains("1/1 workers healthy") && status.contains("1 requests served"),
+        "{status}"
+    );
+    let json: Value =
+        serde_json::from_str(&stdout(&ctl(&socket, &["status", "--json"]))).expect("status --json");
+    assert_eq!(json["workers"][0]["address"], b.as_str());
+
+    // The seed's command goes over the same socket.
+    let mut seed = Command::new(crate::support::bin());
+    clean_env(&mut seed);
+    let output = seed
+        .args(["add-workers", "--socket"])
+        .arg(&socket)
+        .arg(&a)
+        .output()
+        .expect("run add-workers");
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(worker_set(&socket), pairs(&[(&a, "runtime"), (&b, "runtime")]));
+    let old = seed_control_port(&socket);
+    assert_eq!(old.status.code(), Some(2));
+    assert!(stderr(&old).contains("root-only Unix socket"), "{}", stderr(&old));
+}
+
+fn seed_control_port(socket: &Path) -> Output {
+    let mut command = Command::new(crate::support::bin());
+    clean_env(&mut command);
+    command
+        .args(["remove-workers", "--control-port", "8083", "--socket"])
+        .arg(socket)
+        .arg("127.0.0.1:50051")
+        .output()
+        .expect("run remove-workers")
+}
+
+#[tokio::test]
+async fn dbus_send_calls_the_add_method_as_an_independent_client() {
+    let proxy = Launch::proxy("transaction", &[]).start_proxy().await;
+    let output = Command::new("dbus-send")
+        .arg(format!("--peer=unix:path={}", proxy.control.display()))
+        .args([
+            "--print-reply",
+            "/org/miden/ProverProxy",
+            "org.miden.ProverProxy1.AddWorkers",
+            "array:string:127.0.0.1:1,127.0.0.1:2",
+        ])
+        .output()
+        .expect("run dbus-send (Debian package dbus-bin)");
+    assert!(output.status.success(), "{}", stderr(&output));
+    let reply = stdout(&output);
+    assert!(reply.contains("\"127.0.0.1:1\"") && reply.contains("boolean true"), "{reply}");
+    assert_eq!(
+        worker_set(&proxy.control),
+        pairs(&[("127.0.0.1:1", "runtime"), ("127.0.0.1:2", "runtime")])
+    );
+
+    // A D-Bus error with a clear name and message.
+    let output = Command::new("dbus-send")
+        .arg(format!("--peer=unix:path={}", proxy.control.display()))
+        .args([
+            "--print-reply",
+            "/org/miden/ProverProxy",
+            "org.miden.ProverProxy1.RemoveWorkers",
+            "array:string:10.9.9.9:1",
+        ])
+        .output()
+        .expect("run dbus-send");
+    assert!(!output.status.success());
+    let error = stderr(&output);
+    assert!(
+        error.contains("org.miden.ProverProxy1.Error.UnknownWorker")
+            && error.contains("no such worker: 10.9.9.9:1"),
+        "{error}"
+    );
+}
+
+/// A copy of `minedctl` that uid 65534 can run (the build tree may sit in a 0700 directory).
+fn minedctl_for_nobody(dir: &Path) -> PathBuf {
+    let copy = dir.join("minedctl");
+    std::fs::copy(minedctl(), &copy).expect("copy minedctl");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod bin");
+    copy
+}
+
+fn as_nobody(program: &Path, socket: &Path, args: &[&str]) -> Output {
+    let mut command = Command::new(program);
+    clean_env(&mut command);
+    command.arg("--socket").arg(socket).args(args).uid(65534).gid(65534);
+    command.output().expect("run minedctl as uid 65534")
+}
+
+#[tokio::test]
+async fn a_caller_with_uid_65534_is_refused_by_the_peer_check_and_by_file_modes() {
+    assert_root();
+    let bin_dir = tempfile::tempdir().expect("tempdir");
+    let program = minedctl_for_nobody(bin_dir.path());
+
+    // File modes out of the way (0755 directory, socket made 0666): the daemon's own check
+    // refuses the caller and logs who it was.
+    let open_dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(open_dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let socket = open_dir.path().join("control.sock");
+    let mut launch = Launch::proxy("transaction", &[]);
+    launch.command.env("MPS_CONTROL_SOCKET", &socket);
+    let mut proxy = launch.start_proxy().await;
+    assert_eq!(std::fs::metadata(&socket).expect("socket").mode() & 0o777, 0o600);
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let refused = as_nobody(&program, &socket, &["add-worker", "127.0.0.1:1"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(
+        stderr(&refused),
+        format!(
+            "minedctl: the proxy at {} refused this user (uid 65534): the control socket is \
+             root-only; run with sudo\n",
+            socket.display()
+        )
+    );
+    proxy
+        .daemon
+        .wait_for_output("refused a control connection from uid 65534", START_TIMEOUT)
+        .await;
+    assert!(worker_set(&socket).is_empty(), "the refused caller changed nothing");
+
+    // Default settings: the daemon makes the socket's directory 0700, so the caller cannot
+    // even reach the socket.
+    let parent = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let socket = parent.path().join("miden-prover-proxy").join("control.sock");
+    let mut launch = Launch::proxy("transaction", &[]);
+    launch.command.env("MPS_CONTROL_SOCKET", &socket);
+    let proxy = launch.start_proxy().await;
+    assert_eq!(proxy.control, socket);
+    let dir_mode = std::fs::metadata(socket.parent().expect("dir")).expect("dir").mode();
+    assert_eq!(dir_mode & 0o777, 0o700);
+    let refused = as_nobody(&program, &socket, &["workers"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(
+        stderr(&refused),
+        format!("minedctl: the control socket {} is root-only; run with sudo\n", socket.display())
+    );
+    // And with no proxy at all, the message says so.
+    drop(proxy);
+    let nobody_there = ctl(&parent.path().join("none.sock"), &["status"]);
+    assert_eq!(nobody_there.status.code(), Some(1));
+    assert!(
+        stderr(&nobody_there).contains("is miden-prover-proxy running?"),
+        "{}",
+        stderr(&nobody_there)
+    );
+}
+
+#[tokio::test]
+async fn sighup_and_reload_reconcile_the_file_and_keep_run_time_workers() {
+    let launch = Launch::proxy("transaction", &[]);
+    let config = launch.dir.path().join("proxy.toml");
+    std::fs::write(&config, "workers = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n").expect("write");
+    let mut proxy = launch.start_proxy().await;
+    let socket = proxy.control.clone();
+    assert_eq!(worker_set(&socket), pairs(&[("127.0.0.1:1", "config"), ("127.0.0.1:2", "config")]));
+    assert!(ctl(&socket, &["add-worker", "127.0.0.1:3"]).status.success());
+
+    // The file drops :1 and adds :4 → {2, 4} from the file plus :3 added at run time.
+    std::fs::write(&config, "workers = [\"127.0.0.1:2\", \"127.0.0.1:4\"]\n").expect("rewrite");
+    let before = proxy.daemon.notify.messages().len();
+    proxy.daemon.signal(Signal::SIGHUP);
+    let reloading = proxy.daemon.notify.wait_for_line("RELOADING=1", before, START_TIMEOUT).await;
+    let text = &proxy.daemon.notify.messages()[reloading].text;
+    assert!(text.contains("MONOTONIC_USEC="), "{text}");
+    proxy.daemon.notify.wait_for_line("READY=1", reloading + 1, START_TIMEOUT).await;
+    assert_eq!(
+        worker_set(&socket),
+        pairs(&[("127.0.0.1:2", "config"), ("127.0.0.1:3", "runtime"), ("127.0.0.1:4", "config")])
+    );
+
+    // The same through the control socket, which answers with what changed.
+    std::fs::write(&config, "workers = [\"127.0.0.1:4\"]\n").expect("rewrite");
+    let reload = ctl(&socket, &["reload"]);
+    assert!(reload.status.success(), "{}", stderr(&reload));
+    assert_eq!(
+        stdout(&reload),
+        "configuration reloaded; workers added: none; removed: 127.0.0.1:2\n"
+    );
+
+    // A broken file changes nothing; the error reaches the log, STATUS= and the caller.
+    std::fs::write(&config, "workers = [\"127.0.0.1\"]\nmax_queue_items = \"many\"\n")
+        .expect("break");
+    let before = proxy.daemon.notify.messages().len();
+    proxy.daemon.signal(Signal::SIGHUP);
+    let ready = proxy.daemon.notify.wait_for_line("READY=1", before, START_TIMEOUT).await;
+    let text = &proxy.daemon.notify.messages()[ready].text;
+    assert!(text.contains("reload failed"), "{text}");
+    proxy
+        .daemon
+        .wait_for_output("reload failed; the running configuration stays in force", START_TIMEOUT)
+        .await;
+    assert_eq!(
+        worker_set(&socket),
+        pairs(&[("127.0.0.1:3", "runtime"), ("127.0.0.1:4", "config")])
+    );
+    let reload = ctl(&socket, &["reload"]);
+    assert_eq!(reload.status.code(), Some(1));
+    assert!(stderr(&reload).contains("max_queue_items"), "{}", stderr(&reload));
+    proxy_stops_cleanly(&mut proxy).await;
+}
+
+async fn proxy_stops_cleanly(proxy: &mut Proxy) {
+    proxy.daemon.signal(Signal::SIGTERM);
+    assert!(proxy.daemon.wait(START_TIMEOUT).await.success());
+    assert!(!proxy.control.exists(), "the control socket is removed at exit");
+}
+
+/// STAND-IN workers (fixed 5 ms delay) carry a steady stream of requests while `minedctl`
+/// adds and removes a third stand-in 100 times each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_adds_and_removes_under_load_fail_no_request() {
+    let delay = Duration::from_millis(5);
+    let version = env!("CARGO_PKG_VERSION");
+    let (steady, _) = standin::start(version, delay).await;
+    let (other, _) = standin::start(version, delay).await;
+    let (churned, churned_worker) = standin::start(version, delay).await;
+    let mut launch = Launch::proxy_for("transaction", &[steady, other]);
+    launch.command.env("MPS_MAX_QUEUE_ITEMS", "64");
+    let mut proxy = launch.start_proxy().await;
+    proxy.wait_healthy(2, 2).await;
+    let socket = proxy.control.clone();
+
+    let done = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let mut client = ApiClient::new(proxy.daemon.channel().await);
+        let (done, answered) = (Arc::clone(&done), Arc::clone(&answered));
+        clients.spawn(async move {
+            let request =
+                ProofRequest { proof_type: ProofType::Transaction.into(), payload: vec![1; 4096] };
+            while !done.load(Ordering::SeqCst) {
+                let result = client.prove(request.clone()).await;
+                result.expect("no request fails while workers come and go");
+                answered.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    let address = churned.to_string();
+    let worker = churned_worker.clone();
+    let churn = tokio::task::spawn_blocking(move || {
+        for round in 0..100 {
+            let output = ctl(&socket, &["add-worker", &address]);
+            assert!(output.status.success(), "add-worker: {}", stderr(&output));
+            // Every other round, remove it while it proves a request (when it gets one soon).
+            if round % 2 == 0 {
+                let started = std::time::Instant::now();
+                while !worker.busy() && started.elapsed() < Duration::from_secs(2) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            let output = ctl(&socket, &["remove-worker", &address]);
+            assert!(output.status.success(), "remove-worker: {}", stderr(&output));
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(120), churn)
+        .await
+        .expect("200 operations within 2 minutes")
+        .expect("every add and remove succeeded");
+    done.store(true, Ordering::SeqCst);
+    while let Some(client) = clients.join_next().await {
+        client.expect("a client failed a request");
+    }
+    let answered = answered.load(Ordering::SeqCst);
+    eprintln!("{answered} requests answered, {} by the churned worker", churned_worker.served());
+    assert!(answered >= 50, "only {answered} requests answered during the churn");
+    assert!(churned_worker.served() > 0, "the churned worker took requests while present");
+    assert_eq!(worker_set(&proxy.control).len(), 2);
+}
