@@ -1,5 +1,6 @@
-//! Quickstart: starts a real transaction worker on loopback, makes a sample transaction with
-//! `miden-testing`'s `MockChain`, proves it over gRPC, verifies the proof and prints the timing.
+//! Quickstart: starts a real transaction worker and a proxy in front of it on loopback, makes a
+//! sample transaction with `miden-testing`'s `MockChain`, proves it over gRPC through the proxy,
+//! verifies the proof, and prints the timing and what the proxy reports.
 //!
 //! ```sh
 //! cargo build --locked --bins --examples && target/debug/examples/quickstart
@@ -9,7 +10,7 @@
 #[path = "../tests/it/support/mod.rs"]
 mod support;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use miden_objects::MIN_PROOF_SECURITY_LEVEL;
 use miden_objects::transaction::ProvenTransaction;
@@ -20,9 +21,18 @@ use nix::sys::signal::Signal;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    println!("starting a transaction worker on 127.0.0.1 ...");
+    println!("starting a transaction worker and a proxy on 127.0.0.1 ...");
     let mut worker = support::Launch::worker("transaction").start().await;
     println!("worker ready at {} (pid {})", worker.endpoint(), worker.pid);
+    let mut proxy = support::Launch::proxy("transaction", &[&worker]).start_proxy().await;
+    proxy.wait_healthy(1, 1).await;
+    println!(
+        "proxy ready at {} (pid {}; status http://{}/status, control socket {})",
+        proxy.daemon.endpoint(),
+        proxy.daemon.pid,
+        proxy.status,
+        proxy.control.display()
+    );
 
     let started = Instant::now();
     let sample = support::fixtures::sample_transactions(1).await?;
@@ -35,7 +45,7 @@ async fn main() -> anyhow::Result<()> {
         payload.len() / 1000
     );
 
-    let mut api = worker.api().await;
+    let mut api = proxy.daemon.api().await;
     let started = Instant::now();
     let proof = api
         .prove(ProofRequest { proof_type: ProofType::Transaction.into(), payload })
@@ -45,14 +55,16 @@ async fn main() -> anyhow::Result<()> {
     let proven = ProvenTransaction::read_from_bytes(&proof.payload)?;
     TransactionVerifier::new(MIN_PROOF_SECURITY_LEVEL).verify(&proven)?;
     println!(
-        "proved transaction {} over gRPC in {:.2?} ({} KB proof); the proof verifies",
+        "proved transaction {} through the proxy in {:.2?} ({} KB proof); the proof verifies",
         proven.id(),
         proving,
         proof.payload.len() / 1000
     );
+    println!("proxy status: {}", proxy.status_json().await);
 
+    proxy.daemon.signal(Signal::SIGTERM);
+    println!("proxy stopped ({})", proxy.daemon.wait(Duration::from_secs(30)).await);
     worker.signal(Signal::SIGTERM);
-    let status = worker.wait(std::time::Duration::from_secs(30)).await;
-    println!("worker stopped ({status})");
+    println!("worker stopped ({})", worker.wait(Duration::from_secs(30)).await);
     Ok(())
 }
