@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use pingora_core::apps::{
     HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream,
@@ -191,10 +191,7 @@ impl Connection {
                     }
                 };
                 let ip = Some(self.peer.ip());
-                let prove = async {
-                    let payload = proxy.prove(&message, ip, meta).await?;
-                    Ok(crate::proto::Proof { payload }.encode_to_vec())
-                };
+                let prove = proxy.prove(message, ip, meta);
                 let answer = if let Some(closed) = session.watch_h2_stream_close() {
                     tokio::select! {
                         answer = prove => answer,
@@ -209,12 +206,14 @@ impl Connection {
                 drop(admission);
                 return written;
             }
-            "/remote_prover.ProxyStatusApi/Status" => Ok(proxy.status().encode_to_vec()),
+            "/remote_prover.ProxyStatusApi/Status" => Ok(proxy.status().encode_to_vec().into()),
             "/grpc.health.v1.Health/Check" => {
                 use tonic_health::pb::health_check_response::ServingStatus;
                 let status =
                     if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
-                Ok(tonic_health::pb::HealthCheckResponse { status: status.into() }.encode_to_vec())
+                Ok(tonic_health::pb::HealthCheckResponse { status: status.into() }
+                    .encode_to_vec()
+                    .into())
             }
             _ => Err(Status::unimplemented(format!("unknown method {path}"))),
         };
@@ -227,7 +226,7 @@ fn text_header(session: &ServerSession, name: &str) -> Option<String> {
 }
 
 /// Reads the whole body and unwraps its single gRPC message (5-byte prefix: flag, length).
-async fn read_message(session: &mut ServerSession) -> Result<Vec<u8>, Status> {
+async fn read_message(session: &mut ServerSession) -> Result<Bytes, Status> {
     let mut body = BytesMut::new();
     loop {
         match session.read_request_body().await {
@@ -258,20 +257,19 @@ async fn read_message(session: &mut ServerSession) -> Result<Vec<u8>, Status> {
             body.len() - 5
         )));
     }
-    Ok(body.split_off(5).to_vec())
+    Ok(body.freeze().slice(5..))
 }
 
-fn frame(flag: u8, data: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(5 + data.len());
-    out.put_u8(flag);
-    out.put_u32(u32::try_from(data.len()).expect("messages are bounded by MAX_MESSAGE_SIZE"));
-    out.extend_from_slice(data);
-    out.freeze()
+/// The 5-byte gRPC message prefix: flag, big-endian length.
+fn prefix(flag: u8, data: &[u8]) -> [u8; 5] {
+    let len = u32::try_from(data.len()).expect("messages are bounded by MAX_MESSAGE_SIZE");
+    let [a, b, c, d] = len.to_be_bytes();
+    [flag, a, b, c, d]
 }
 
 /// Writes a gRPC answer: data frame and `grpc-status` trailers (HTTP/2), or for gRPC-web the data
 /// frame and a trailer frame in the body.
-async fn respond(session: &mut ServerSession, web: bool, answer: Result<Vec<u8>, Status>) -> bool {
+async fn respond(session: &mut ServerSession, web: bool, answer: Result<Bytes, Status>) -> bool {
     let (code, message, data) = match answer {
         Ok(data) => (0, String::new(), Some(data)),
         Err(status) => (status.code() as i32, status.message().to_owned(), None),
@@ -284,21 +282,26 @@ async fn respond(session: &mut ServerSession, web: bool, answer: Result<Vec<u8>,
             header.insert_header("access-control-expose-headers", "grpc-status,grpc-message")?;
             let mut body = BytesMut::new();
             if let Some(data) = &data {
-                body.extend_from_slice(&frame(0, data));
+                body.extend_from_slice(&prefix(0, data));
+                body.extend_from_slice(data);
             }
             let mut trailers = format!("grpc-status:{code}\r\n");
             if !message.is_empty() {
                 let _ = write!(trailers, "grpc-message:{}\r\n", percent_encode(&message));
             }
-            body.extend_from_slice(&frame(0x80, trailers.as_bytes()));
+            body.extend_from_slice(&prefix(0x80, trailers.as_bytes()));
+            body.extend_from_slice(trailers.as_bytes());
             header.insert_header("content-length", body.len().to_string())?;
             session.write_response_header(Box::new(header)).await?;
             session.write_response_body(body.freeze(), true).await?;
         } else {
             header.insert_header("content-type", "application/grpc")?;
             session.write_response_header(Box::new(header)).await?;
-            if let Some(data) = &data {
-                session.write_response_body(frame(0, data), false).await?;
+            if let Some(data) = data {
+                // Prefix and message as two writes: the proof is not copied again.
+                let head = Bytes::copy_from_slice(&prefix(0, &data));
+                session.write_response_body(head, false).await?;
+                session.write_response_body(data, false).await?;
             }
             let mut trailers = HeaderMap::new();
             trailers.insert("grpc-status", code.into());

@@ -9,6 +9,7 @@
 //! goes back through [`front`]. [`health`] checks workers in the background; [`metrics`] counts.
 
 pub mod daemon;
+pub mod forward;
 pub mod front;
 pub mod health;
 pub mod metrics;
@@ -20,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tonic::{Code, Status};
 use tracing::{Instrument, info, info_span, warn};
 
@@ -27,9 +29,7 @@ use self::metrics::Metrics;
 use self::pool::{AcquireError, Health, Origin, WorkerPool};
 use crate::ProofKind;
 use crate::config::ProxySettings;
-use crate::proto::api_client::ApiClient;
 use crate::proto::{self, ProofType};
-use crate::worker::MAX_MESSAGE_SIZE;
 
 /// Settings a reload may change while requests run.
 #[derive(Clone, Debug)]
@@ -152,12 +152,13 @@ impl Proxy {
     }
 
     /// Proves one request on some worker: the whole proxy path of a `Prove` call.
+    /// `message` is the encoded `ProofRequest`; the answer is the worker's encoded `Proof`.
     pub async fn prove(
         &self,
-        message: &[u8],
+        message: Bytes,
         client: Option<IpAddr>,
         meta: RequestMeta,
-    ) -> Result<Vec<u8>, Status> {
+    ) -> Result<Bytes, Status> {
         let started = Instant::now();
         let span = info_span!(
             "proxy_prove",
@@ -196,10 +197,10 @@ impl Proxy {
     #[allow(clippy::too_many_lines)]
     async fn prove_inner(
         &self,
-        message: &[u8],
+        message: Bytes,
         client: Option<IpAddr>,
         meta: &RequestMeta,
-    ) -> Result<Vec<u8>, Status> {
+    ) -> Result<Bytes, Status> {
         let live = self.live();
         if let Some(ip) = client
             && !self.limiter.allow(ip, live.max_req_per_sec)
@@ -210,9 +211,10 @@ impl Proxy {
                 live.max_req_per_sec
             )));
         }
-        let request = <proto::ProofRequest as prost::Message>::decode(message).map_err(|err| {
-            Status::invalid_argument(format!("the request does not decode: {err}"))
-        })?;
+        let request =
+            <forward::RequestHead as prost::Message>::decode(message.as_ref()).map_err(|err| {
+                Status::invalid_argument(format!("the request does not decode: {err}"))
+            })?;
         let requested = ProofType::try_from(request.proof_type).map_err(|_| {
             Status::invalid_argument(format!(
                 "unknown proof_type {}; expected 0 (TRANSACTION), 1 (BATCH) or 2 (BLOCK)",
@@ -262,7 +264,7 @@ impl Proxy {
             self.metrics.worker_requests.with_label_values(&[lease.address()]).inc();
             self.update_gauges();
 
-            let mut call = tonic::Request::new(request.clone());
+            let mut call = tonic::Request::new(message.clone());
             call.set_timeout(live.timeout);
             for (key, value) in [
                 ("traceparent", &meta.traceparent),
@@ -273,12 +275,9 @@ impl Proxy {
                     call.metadata_mut().insert(key, value);
                 }
             }
-            let mut client = ApiClient::new(lease.channel())
-                .max_decoding_message_size(MAX_MESSAGE_SIZE)
-                .max_encoding_message_size(MAX_MESSAGE_SIZE);
-            let answer = client.prove(call).await;
+            let answer = forward::prove(lease.channel(), call).await;
             match answer {
-                Ok(proof) => return Ok(proof.into_inner().payload),
+                Ok(proof) => return Ok(proof.into_inner()),
                 Err(status) => match classify(&status) {
                     Failure::PassThrough => return Err(status),
                     Failure::Busy => {
