@@ -1,7 +1,7 @@
 //! Benchmarks of the proxy, each side by side with its baseline in one run.
 //!
 //! ```sh
-//! cargo build --locked --bins --examples && target/debug/examples/bench_proxy [fake|real|all]
+//! cargo build --locked --bins --examples && target/debug/examples/bench_proxy [fake|real|batch|all]
 //! unshare --net sh -c 'ip link set lo up && UPSTREAM_BIN=… target/debug/examples/bench_proxy upstream'
 //! ```
 //!
@@ -33,8 +33,12 @@ use tonic::transport::Channel;
 const FAKE_DELAY: Duration = Duration::from_millis(50);
 const PAYLOAD_BYTES: usize = 109_000;
 
-async fn start_fake_worker(version: &'static str) -> SocketAddr {
-    support::standin::start(version, FAKE_DELAY).await.0
+async fn start_fake_workers(n: usize, version: &'static str) -> Vec<SocketAddr> {
+    let mut addrs = Vec::new();
+    for _ in 0..n {
+        addrs.push(support::standin::start(version, FAKE_DELAY).await.0);
+    }
+    addrs
 }
 
 async fn client(addr: SocketAddr) -> ApiClient<Channel> {
@@ -196,14 +200,6 @@ async fn upstream() {
     let _ = child.wait();
 }
 
-async fn start_fake_workers(n: usize, version: &'static str) -> Vec<SocketAddr> {
-    let mut addrs = Vec::new();
-    for _ in 0..n {
-        addrs.push(start_fake_worker(version).await);
-    }
-    addrs
-}
-
 /// utime + stime of a process, in seconds (from /proc; clock ticks are 100 Hz on Linux).
 fn cpu_seconds(pid: i32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
@@ -217,11 +213,8 @@ fn cpu_seconds(pid: i32) -> f64 {
 async fn real() {
     let sample = support::fixtures::sample_transactions(4).await.expect("sample");
     let worker = support::Launch::worker("transaction").start().await;
-    let batch_worker = support::Launch::worker("batch").start().await;
     let mut proxy = support::Launch::proxy("transaction", &[&worker]).start_proxy().await;
-    let mut batch_proxy = support::Launch::proxy("batch", &[&batch_worker]).start_proxy().await;
     proxy.wait_healthy(1, 1).await;
-    batch_proxy.wait_healthy(1, 1).await;
 
     // In-process one after another, and 4 concurrent clients through proxy + 1 worker, in the
     // order A B B A so that drift (temperature, other load) falls on both alike.
@@ -265,31 +258,56 @@ async fn real() {
         proxy_cpu / remote.as_secs_f64() * 100.0
     );
 
-    // Batches: median of 50, in turn.
-    let batch = sample.chain.propose_transaction_batch(proven[..2].to_vec()).expect("batch");
+    batches(&sample.chain, proven[..2].to_vec()).await;
+}
+
+/// Real batch proofs, median of 50 each, taken in turn: in-process, straight to a batch worker,
+/// and through a batch proxy in front of that worker — so the proxy's own hop shows apart from
+/// the worker's.
+async fn batches(chain: &miden_testing::MockChain, proven: Vec<ProvenTransaction>) {
+    let batch_worker = support::Launch::worker("batch").start().await;
+    let mut batch_proxy = support::Launch::proxy("batch", &[&batch_worker]).start_proxy().await;
+    batch_proxy.wait_healthy(1, 1).await;
+    let batch = chain.propose_transaction_batch(proven).expect("batch");
     let payload = batch.to_bytes();
-    let mut api = client(batch_proxy.daemon.addr).await;
-    let (mut local, mut remote) = (Vec::new(), Vec::new());
+    let mut direct = client(batch_worker.addr).await;
+    let mut via_proxy = client(batch_proxy.daemon.addr).await;
+    let (mut local, mut worker, mut proxied) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..50 {
         let started = Instant::now();
         LocalBatchProver::new(MIN_PROOF_SECURITY_LEVEL).prove(batch.clone()).expect("batch");
         local.push(started.elapsed());
-        let request =
-            ProofRequest { proof_type: ProofType::Batch.into(), payload: payload.clone() };
-        let started = Instant::now();
-        api.prove(request).await.expect("batch proof");
-        remote.push(started.elapsed());
+        for (api, times) in [(&mut direct, &mut worker), (&mut via_proxy, &mut proxied)] {
+            let request =
+                ProofRequest { proof_type: ProofType::Batch.into(), payload: payload.clone() };
+            let started = Instant::now();
+            api.prove(request).await.expect("batch proof");
+            times.push(started.elapsed());
+        }
     }
-    local.sort();
-    remote.sort();
-    let (l, r) = (percentile(&local, 0.5), percentile(&remote, 0.5));
+    let median = |times: &mut Vec<Duration>| {
+        times.sort();
+        percentile(times, 0.5).as_secs_f64() * 1e3
+    };
+    let (l, w, p) = (median(&mut local), median(&mut worker), median(&mut proxied));
     println!(
-        "batch (2 txs, {} B): in-process median {:.3} ms, via proxy + worker median {:.3} ms, added {:.3} ms",
+        "batch (2 txs, {} B), medians of 50: in-process {l:.3} ms, worker directly {w:.3} ms, via proxy + worker {p:.3} ms; added: by the worker {:.3} ms, by the proxy {:.3} ms, in all {:.3} ms",
         payload.len(),
-        l.as_secs_f64() * 1e3,
-        r.as_secs_f64() * 1e3,
-        (r.as_secs_f64() - l.as_secs_f64()) * 1e3
+        w - l,
+        p - w,
+        p - l,
     );
+}
+
+/// Only the batch comparison (two transactions are proved first to make the batch).
+async fn batch_only() {
+    let sample = support::fixtures::sample_transactions(2).await.expect("sample");
+    let proven = sample
+        .inputs
+        .iter()
+        .map(|inputs| LocalTransactionProver::default().prove(inputs.clone()).expect("prove"))
+        .collect();
+    batches(&sample.chain, proven).await;
 }
 
 #[tokio::main]
@@ -300,6 +318,9 @@ async fn main() {
     }
     if which == "real" || which == "all" {
         real().await;
+    }
+    if which == "batch" {
+        batch_only().await;
     }
     if which == "upstream" {
         upstream().await;
