@@ -13,7 +13,7 @@ use crate::config::{
 
 /// The Miden proving service: a gRPC prover worker for transactions, batches or blocks.
 #[derive(Debug, Parser)]
-#[command(name = "miden-proving-service", version, about)]
+#[command(name = "miden-proving-service", version = crate::cpu::LONG_VERSION, about)]
 pub struct Cli {
     /// What to run.
     #[command(subcommand)]

@@ -16,6 +16,7 @@ pub mod assets;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod cpu;
 mod kind;
 pub mod process;
 pub mod proto;

@@ -20,7 +20,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Change a running miden-prover-proxy's workers, reload it and read its status, over its
 /// root-only control socket.
 #[derive(Debug, Parser)]
-#[command(name = "minedctl", version)]
+#[command(name = "minedctl", version = crate::cpu::LONG_VERSION)]
 pub struct CtlCli {
     /// The proxy's control socket (its setting `control_socket`).
     #[arg(

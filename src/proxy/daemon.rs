@@ -77,6 +77,7 @@ async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<
     let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     info!(
         version = env!("CARGO_PKG_VERSION"),
+        build = crate::cpu::BUILD,
         proof_type = %proxy.kind(),
         address = %local(&main),
         status = %local(&status),

@@ -67,6 +67,7 @@ async fn serve_until_stopped(
     }));
     info!(
         version = env!("CARGO_PKG_VERSION"),
+        build = crate::cpu::BUILD,
         proof_type = %worker.kind(),
         address = %local,
         logs = telemetry.destination,

@@ -250,7 +250,7 @@ impl Api for Worker {
 impl WorkerStatusApi for Worker {
     async fn status(&self, _request: Request<()>) -> Result<Response<proto::WorkerStatus>, Status> {
         Ok(Response::new(proto::WorkerStatus {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
+            version: crate::cpu::version(),
             supported_proof_type: ProofType::from(self.kind()).into(),
             busy: self.is_busy(),
             requests_served: self.inner.served.load(Ordering::Relaxed),

@@ -2,6 +2,7 @@
 //! notify socket and a real journald. One test binary, because each links the whole Miden stack.
 
 mod control;
+mod fast;
 mod proxy;
 mod support;
 mod worker;

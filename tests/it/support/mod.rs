@@ -23,9 +23,13 @@ use nix::unistd::Pid;
 use tempfile::TempDir;
 use tonic::transport::Channel;
 
-/// The service binary under test: cargo names it for tests; examples find it beside themselves
-/// (`target/<profile>/examples/..` → `target/<profile>/miden-proving-service`).
+/// The service binary under test: `MPS_TEST_BIN` when set (to run the tests against another
+/// build, such as `scripts/build-fast.sh`'s); else cargo names it for tests, and examples find it
+/// beside themselves (`target/<profile>/examples/..` → `target/<profile>/miden-proving-service`).
 pub fn bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("MPS_TEST_BIN") {
+        return PathBuf::from(path);
+    }
     if let Some(path) = option_env!("CARGO_BIN_EXE_miden-proving-service") {
         return PathBuf::from(path);
     }
@@ -190,8 +194,13 @@ impl Launch {
     /// `miden-proving-service ARGS…` with a clean `MPS_*`/`RUST_LOG` environment and no
     /// configuration file from `/etc` (each test states what it wants).
     pub fn service(args: &[&str]) -> Self {
+        Launch::service_from(&bin(), args)
+    }
+
+    /// [`Launch::service`] of another build of the binary.
+    pub fn service_from(program: &Path, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut command = Command::new(bin());
+        let mut command = Command::new(program);
         command.args(args);
         clean_env(&mut command);
         Launch { command, dir }
@@ -204,7 +213,12 @@ impl Launch {
 
     /// A worker for `kind` on 127.0.0.1 at `port` (0: a free one).
     pub fn worker_at(kind: &str, port: u16) -> Self {
-        let mut launch = Launch::service(&[]);
+        Launch::worker_from(&bin(), kind, port)
+    }
+
+    /// A worker for `kind` on 127.0.0.1 at `port`, run from `program` (another build).
+    pub fn worker_from(program: &Path, kind: &str, port: u16) -> Self {
+        let mut launch = Launch::service_from(program, &[]);
         let config = launch.dir.path().join("worker.toml");
         std::fs::write(&config, "").expect("empty worker.toml");
         launch.command.args([
