@@ -9,6 +9,7 @@ use miden_proving_service::control::client::{self, CtlCommand};
 use miden_proving_service::{proxy, worker};
 
 fn main() -> ExitCode {
+    miden_proving_service::cpu::exec_fast_build_if_it_runs_here();
     match Cli::parse().command {
         Command::StartWorker(args) => worker::daemon::main(&args.config_source()),
         Command::StartProxy(args) => proxy::daemon::main(&args.config_source()),

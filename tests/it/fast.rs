@@ -1,7 +1,8 @@
-//! The fast (x86-64-v3) build against the generic one. These tests need that build, so they are
+//! The fast (x86-64-v4) build against the generic one. These tests need that build, so they are
 //! ignored by a plain `cargo test`; `.ci/run` makes it with `scripts/build-fast.sh --bins
-//! --examples` and runs them with `MPS_FAST_DIR=target/x86-64-v3/debug … --include-ignored`
-//! (and every worker test against it with `MPS_TEST_BIN`).
+//! --examples` and runs them with `MPS_FAST_DIR=target/x86-64-v4/debug … --include-ignored`
+//! (and every worker test against it with `MPS_TEST_BIN`). The build's name is the directory's:
+//! `MPS_TARGET_CPU=x86-64-v3` gives `target/x86-64-v3/debug`, tested the same way.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -18,14 +19,22 @@ use crate::support::{Launch, bin};
 fn fast_dir() -> PathBuf {
     PathBuf::from(std::env::var_os("MPS_FAST_DIR").expect(
         "MPS_FAST_DIR names the fast build's directory (scripts/build-fast.sh --bins --examples \
-         → target/x86-64-v3/debug)",
+         → target/x86-64-v4/debug)",
     ))
+}
+
+/// "x86-64-v4" for `target/x86-64-v4/debug`.
+fn fast_build() -> String {
+    let dir = fast_dir();
+    let name = dir.parent().and_then(|p| p.file_name()).expect("target/<cpu>/<profile>");
+    name.to_string_lossy().into_owned()
 }
 
 #[tokio::test]
 #[ignore = "needs the fast build: scripts/build-fast.sh --bins --examples, MPS_FAST_DIR"]
 async fn the_fast_and_the_generic_build_verify_each_others_proofs() {
     let fast = fast_dir();
+    let build = fast_build();
     let sample = sample_transactions(1).await.expect("sample transaction");
     let request = || ProofRequest {
         proof_type: ProofType::Transaction.into(),
@@ -36,15 +45,15 @@ async fn the_fast_and_the_generic_build_verify_each_others_proofs() {
     let fast_worker =
         Launch::worker_from(&fast.join("miden-proving-service"), "transaction", 0).start().await;
     let status = fast_worker.worker_status().await;
-    assert!(status.version.ends_with("+x86-64-v3"), "version {}", status.version);
+    assert!(status.version.ends_with(&format!("+{build}")), "version {}", status.version);
     let proof = fast_worker.api().await.prove(request()).await.expect("fast proof");
     let fast_proof = ProvenTransaction::read_from_bytes(&proof.get_ref().payload).expect("decodes");
     TransactionVerifier::new(MIN_PROOF_SECURITY_LEVEL)
         .verify(&fast_proof)
         .expect("the generic verifier accepts the fast build's proof");
     assert!(
-        fast_worker.output().contains("build=\"x86-64-v3\"")
-            || fast_worker.output().contains("build=x86-64-v3"),
+        fast_worker.output().contains(&format!("build=\"{build}\""))
+            || fast_worker.output().contains(&format!("build={build}")),
         "{}",
         fast_worker.output()
     );
@@ -61,7 +70,7 @@ async fn the_fast_and_the_generic_build_verify_each_others_proofs() {
         .expect("run the fast build's prove_file");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("verified by the x86-64-v3 build"), "{stdout}");
+    assert!(stdout.contains(&format!("verified by the {build} build")), "{stdout}");
     let generic_proof = ProvenTransaction::read_from_bytes(&proof.get_ref().payload).expect("ok");
     assert_eq!(generic_proof.id(), fast_proof.id(), "the same transaction either way");
 }
@@ -70,6 +79,7 @@ async fn the_fast_and_the_generic_build_verify_each_others_proofs() {
 #[ignore = "needs the fast build and qemu-user: scripts/build-fast.sh --bins, MPS_FAST_DIR"]
 fn on_a_cpu_without_avx2_the_fast_build_refuses_to_start_naming_what_is_missing() {
     let fast = fast_dir().join("miden-proving-service");
+    let build = fast_build();
     // qemu-user emulating a Nehalem (SSE4.2, no AVX) reports that CPU's CPUID to the binary.
     for args in [&["--version"][..], &["start-worker", "--localhost", "--port", "0"]] {
         let output = Command::new("qemu-x86_64")
@@ -81,23 +91,70 @@ fn on_a_cpu_without_avx2_the_fast_build_refuses_to_start_naming_what_is_missing(
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(78), "{stderr}");
         assert!(
-            stderr.starts_with(
-                "miden-proving-service: this is the x86-64-v3 build, and this CPU lacks "
-            ) && stderr.contains("avx2")
+            stderr.starts_with(&format!(
+                "miden-proving-service: this is the {build} build, and this CPU lacks "
+            )) && stderr.contains("avx2")
                 && stderr.contains("run the generic build"),
             "{stderr}"
         );
     }
-    // The same binary on a CPU model with AVX2 starts normally.
-    let output = Command::new("qemu-x86_64")
-        .args(["-cpu", "max"])
-        .arg(&fast)
-        .arg("--version")
-        .output()
-        .expect("run qemu-x86_64");
+    // The same binary on a CPU with the features starts normally: qemu's "max" model has AVX2
+    // but no AVX-512, so a v4 build is run directly (the machines that run this test have it).
+    let mut command = if build == "x86-64-v3" {
+        let mut qemu = Command::new("qemu-x86_64");
+        qemu.args(["-cpu", "max"]).arg(&fast);
+        qemu
+    } else {
+        Command::new(&fast)
+    };
+    let output = command.arg("--version").output().expect("run the fast build");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(
         String::from_utf8_lossy(&output.stdout),
-        format!("miden-proving-service {} (x86-64-v3 build)\n", env!("CARGO_PKG_VERSION"))
+        format!("miden-proving-service {} ({build} build)\n", env!("CARGO_PKG_VERSION"))
     );
+}
+
+/// The packages' layout: the generic binary in `bin/`, the fast build in
+/// `lib/miden-proving-service/miden-proving-service.x86-64-v4`. The generic binary hands over
+/// to the fast one where the CPU runs it, and stays itself where not, or when told to.
+#[test]
+#[ignore = "needs the x86-64-v4 build and qemu-user: scripts/build-fast.sh --bins, MPS_FAST_DIR"]
+fn the_generic_binary_starts_the_fast_build_where_the_cpu_runs_it() {
+    if fast_build() != miden_proving_service::cpu::FAST_BUILD {
+        eprintln!(
+            "skipped: the packages carry the x86-64-v4 build, MPS_FAST_DIR holds {}",
+            fast_build()
+        );
+        return;
+    }
+    let prefix = tempfile::tempdir().expect("tempdir");
+    let generic = prefix.path().join("bin/miden-proving-service");
+    let fast = prefix.path().join("lib/miden-proving-service/miden-proving-service.x86-64-v4");
+    std::fs::create_dir_all(generic.parent().expect("bin")).expect("bin/");
+    std::fs::create_dir_all(fast.parent().expect("lib")).expect("lib/");
+    std::fs::copy(bin(), &generic).expect("copy the generic build");
+    std::fs::copy(fast_dir().join("miden-proving-service"), &fast).expect("copy the fast build");
+    let version = |build: &str| {
+        format!("miden-proving-service {} ({build} build)\n", env!("CARGO_PKG_VERSION"))
+    };
+    let run = |command: &mut Command| {
+        let output = command.arg("--version").output().expect("run");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+
+    let cpu_runs_v4 = ["avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512cd"]
+        .iter()
+        .all(|f| std::fs::read_to_string("/proc/cpuinfo").expect("cpuinfo").contains(f));
+    let here = run(&mut Command::new(&generic));
+    assert_eq!(here, version(if cpu_runs_v4 { "x86-64-v4" } else { "generic" }));
+    assert_eq!(
+        run(Command::new(&generic).env(miden_proving_service::cpu::BUILD_ENV, "generic")),
+        version("generic")
+    );
+    // A CPU without AVX-512 (qemu's Nehalem): the generic binary stays; had it handed over, the
+    // exec'd fast build would run natively, outside qemu, and print its own name.
+    let old = run(Command::new("qemu-x86_64").args(["-cpu", "Nehalem"]).arg(&generic));
+    assert_eq!(old, version("generic"));
 }
