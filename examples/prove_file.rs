@@ -7,7 +7,11 @@
 //! prove_file prove FILE [PROOF]       # prove in-process; prints "<ms> ms (<build> build)"
 //! prove_file verify PROOF             # verify a proven transaction with this build's verifier
 //! prove_file bench RUNS FILE BIN…     # runs `BIN prove FILE` for each build in turn, RUNS rounds
+//! prove_file remote ENDPOINT FILE     # prove through a proxy or worker with the upstream client
 //! ```
+//!
+//! `remote` is what `tests/packages.sh` proves with against the installed services: the client
+//! miden-client uses (miden-remote-prover-client 0.12), then this build's verifier.
 //!
 //! The CPU-build benchmark (BENCHMARKS.md):
 //!
@@ -60,9 +64,29 @@ async fn main() -> anyhow::Result<()> {
             TransactionVerifier::new(MIN_PROOF_SECURITY_LEVEL).verify(&proven)?;
             println!("transaction {} verified by the {} build", proven.id(), cpu::BUILD);
         }
+        ["remote", endpoint, file] => {
+            use miden_remote_prover_client::remote_prover::tx_prover::RemoteTransactionProver;
+
+            let inputs = TransactionInputs::read_from_bytes(&std::fs::read(file)?)
+                .context("the file does not hold TransactionInputs")?;
+            let started = Instant::now();
+            let proven = RemoteTransactionProver::new(*endpoint)
+                .with_timeout(std::time::Duration::from_secs(300))
+                .prove(inputs)
+                .await
+                .with_context(|| format!("proving through {endpoint}"))?;
+            let elapsed = started.elapsed();
+            TransactionVerifier::new(MIN_PROOF_SECURITY_LEVEL).verify(&proven)?;
+            println!(
+                "transaction {} proved through {endpoint} in {:.1} ms; the proof verifies",
+                proven.id(),
+                elapsed.as_secs_f64() * 1e3
+            );
+        }
         ["bench", runs, file, bins @ ..] if !bins.is_empty() => bench(runs.parse()?, file, bins)?,
         _ => bail!(
-            "usage: prove_file write-inputs FILE | prove FILE [PROOF] | verify PROOF | bench RUNS FILE BIN…"
+            "usage: prove_file write-inputs FILE | prove FILE [PROOF] | verify PROOF | \
+             bench RUNS FILE BIN… | remote ENDPOINT FILE"
         ),
     }
     Ok(())

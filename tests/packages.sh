@@ -1,0 +1,209 @@
+#!/bin/bash
+# tests/packages.sh [DEB DIR]: the Debian packages under a real systemd. Boots this machine's
+# systemd as PID 1 in a throw-away container (tests/sysd-ct.sh), installs the packages of
+# target/debian (scripts/build-debs.sh) with dpkg -i, and checks what an operator relies on:
+# both units active and READY, a real transaction proved through the proxy by the upstream client,
+# reload of an edited worker list, minedctl as root and as nobody, the journal's structured
+# fields, a stop while a proof is in flight, a reinstall that keeps an edited conffile, purge.
+# Before that, lintian and systemd-analyze on the packages and units. Needs root.
+#
+# The client is examples/prove_file of the dev build (cargo build --locked --examples).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+debs=$(cd "${1:-target/debian}" && pwd)
+client=$root/target/debug/examples/prove_file
+inputs=$root/target/packages-test/tx.inputs
+ct=mps-packages-$$
+failures=0
+
+say() { printf '\n== %s\n' "$*"; }
+pass() { printf 'ok: %s\n' "$*"; }
+fail() {
+    printf 'FAIL: %s\n' "$*"
+    failures=$((failures + 1))
+}
+in_ct() { tests/sysd-ct.sh exec "$ct" "$@"; }
+# wait_for SECONDS DESCRIPTION CMD…: polls CMD every 0.2 s.
+wait_for() {
+    local seconds=$1 what=$2
+    shift 2
+    for _ in $(seq $((seconds * 5))); do
+        if "$@" >/dev/null 2>&1; then
+            pass "$what"
+            return 0
+        fi
+        sleep 0.2
+    done
+    fail "$what (not within ${seconds} s)"
+    return 1
+}
+show() { in_ct systemctl show -p "$2" --value "$1"; }
+
+for tool in lintian systemd-analyze; do
+    command -v $tool >/dev/null || {
+        echo "packages.sh: $tool is missing (apt-get install lintian systemd)" >&2
+        exit 1
+    }
+done
+[ -x "$client" ] || {
+    echo "packages.sh: $client is missing: cargo build --locked --examples" >&2
+    exit 1
+}
+ls "$debs"/miden-proving-service_*.deb "$debs"/miden-prover_*.deb \
+    "$debs"/miden-prover-proxy_*.deb >/dev/null
+mkdir -p "$(dirname "$inputs")"
+[ -f "$inputs" ] || "$client" write-inputs "$inputs" >/dev/null
+
+say "lintian: no errors, no warnings"
+# (lintian warns that it runs as root; the packages are only read.)
+if lintian_out=$(lintian --fail-on error,warning "$debs"/*.deb 2>&1); then
+    pass "lintian: $(echo "$lintian_out" | grep -v 'running with root privileges' || echo silent)"
+else
+    fail "lintian: $lintian_out"
+fi
+
+say "the units, offline: systemd-analyze security exposure ≤ 2.0"
+for unit in miden-prover miden-prover-proxy; do
+    if out=$(systemd-analyze security --offline=true --threshold=20 "systemd/$unit.service" 2>&1); then
+        pass "$(echo "$out" | grep 'Overall exposure')"
+    else
+        fail "$unit: $(echo "$out" | grep -v '✓' | tail -20)"
+    fi
+done
+
+trap 'tests/sysd-ct.sh stop "$ct" || true' EXIT
+SYSD_CT_BIND="$root/target" tests/sysd-ct.sh start "$ct"
+
+say "dpkg -i: both units active, READY=1 reached, status shown"
+in_ct dpkg -i "$debs"/miden-proving-service_*.deb "$debs"/miden-prover_*.deb \
+    "$debs"/miden-prover-proxy_*.deb
+for unit in miden-prover miden-prover-proxy; do
+    # systemd-analyze verify: the ExecStart binary now exists; any output is a finding.
+    out=$(in_ct systemd-analyze verify --man=no "/usr/lib/systemd/system/$unit.service" 2>&1) || true
+    if [ -z "$out" ]; then pass "systemd-analyze verify $unit.service: silent"; else fail "verify $unit: $out"; fi
+    # A Type=notify unit becomes active only on READY=1.
+    wait_for 30 "$unit active (Type=notify: READY=1 seen)" \
+        sh -c "[ \"\$(tests/sysd-ct.sh exec $ct systemctl is-active $unit)\" = active ]"
+done
+status=$(show miden-prover StatusText)
+[ "$status" = idle ] && pass "miden-prover StatusText: $status" || fail "miden-prover StatusText: '$status'"
+wait_for 30 "miden-prover-proxy StatusText shows the local worker healthy" \
+    sh -c "tests/sysd-ct.sh exec $ct systemctl show -p StatusText --value miden-prover-proxy | grep -q '^1/1 workers healthy'"
+echo "   miden-prover-proxy StatusText: $(show miden-prover-proxy StatusText)"
+for unit in miden-prover miden-prover-proxy; do
+    [ "$(show $unit User)" = "$unit" ] && in_ct getent passwd "$unit" >/dev/null &&
+        pass "$unit runs as its own system user" || fail "$unit user"
+done
+# The program picks its build at start: x86-64-v4 where the CPU has AVX-512, otherwise generic.
+want=generic
+if grep -qw avx512f /proc/cpuinfo && grep -qw avx512dq /proc/cpuinfo &&
+    grep -qw avx512bw /proc/cpuinfo && grep -qw avx512vl /proc/cpuinfo; then
+    want=x86-64-v4
+fi
+if in_ct journalctl -u miden-prover -o json --no-pager | grep -q "\"BUILD\":\"$want\""; then
+    pass "the worker runs the $want build on this CPU"
+else
+    fail "the worker does not log BUILD=$want"
+fi
+
+say "a real transaction through the proxy to the local worker (miden-remote-prover-client)"
+if out=$(in_ct "$client" remote http://127.0.0.1:8082 "$inputs" 2>&1); then
+    pass "$out"
+else
+    fail "prove through the proxy: $out"
+fi
+
+say "reload: edit the worker list, systemctl reload miden-prover-proxy"
+in_ct sed -i 's/^workers = \["127.0.0.1:50051"\]/workers = ["127.0.0.1:50051", "127.0.0.1:50052"]/' \
+    /etc/miden-prover-proxy/proxy.toml
+in_ct grep -q '127.0.0.1:50052' /etc/miden-prover-proxy/proxy.toml
+in_ct systemctl reload miden-prover-proxy
+# systemd 252 returns from reload before the daemon has handled SIGHUP: poll.
+wait_for 30 "minedctl workers lists the worker added to proxy.toml" \
+    sh -c "tests/sysd-ct.sh exec $ct minedctl workers | grep -q 127.0.0.1:50052"
+[ "$(in_ct systemctl is-active miden-prover-proxy)" = active ] && pass "still active after reload" ||
+    fail "proxy not active after reload"
+
+say "minedctl: root may add a worker, nobody may not"
+if out=$(in_ct minedctl add-worker 127.0.0.1:50053 2>&1); then pass "root: $out"; else fail "root: $out"; fi
+in_ct minedctl workers | grep -q 127.0.0.1:50053 && pass "the worker is listed" || fail "50053 not listed"
+if out=$(in_ct runuser -u nobody -- minedctl add-worker 127.0.0.1:50054 2>&1); then
+    fail "nobody was allowed: $out"
+else
+    pass "nobody refused: $out"
+fi
+in_ct minedctl workers | grep -q 127.0.0.1:50054 && fail "50054 was added" || pass "nothing added by nobody"
+in_ct minedctl remove-worker 127.0.0.1:50053 >/dev/null
+
+say "journalctl -u miden-prover -o json: structured fields and PRIORITY"
+if in_ct journalctl -u miden-prover -o json --no-pager | python3 -c '
+import json, sys
+entries = [json.loads(line) for line in sys.stdin]
+done = [e for e in entries if e.get("MESSAGE") == "proof done"]
+assert done, "no \"proof done\" entry"
+e = done[-1]
+for key in ("PRIORITY", "OUTCOME", "DURATION_MS", "PROOF_BYTES", "PROOF_TYPE", "SUBJECT"):
+    assert key in e, f"{key} missing from {sorted(e)}"
+assert e["PRIORITY"] == "6" and e["OUTCOME"] == "proved", e
+start = [x for x in entries if x.get("MESSAGE", "").startswith("worker listening on")]
+assert start and start[-1]["PRIORITY"] == "6" and "BUILD" in start[-1], start
+print("proof done:", " ".join(k + "=" + e[k][:20] for k in ("PRIORITY", "OUTCOME", "PROOF_TYPE", "DURATION_MS", "SUBJECT")))
+'; then pass "journal fields"; else fail "journal fields"; fi
+
+say "systemctl stop miden-prover while it proves: the client gets its proof, no SIGKILL"
+since=$(in_ct date '+%Y-%m-%d %H:%M:%S')
+in_ct "$client" remote http://127.0.0.1:50051 "$inputs" >"$root/target/packages-test/stop.out" 2>&1 &
+client_pid=$!
+wait_for 30 "the worker is proving" \
+    sh -c "tests/sysd-ct.sh exec $ct systemctl show -p StatusText --value miden-prover | grep -q '^proving'"
+in_ct systemctl stop miden-prover
+if wait $client_pid; then pass "client: $(cat "$root/target/packages-test/stop.out")"; else
+    fail "client during stop: $(cat "$root/target/packages-test/stop.out")"
+fi
+result=$(show miden-prover Result)
+[ "$result" = success ] && pass "stop result: $result" || fail "stop result: $result"
+if in_ct journalctl -u miden-prover --since "$since" --no-pager | grep -Ei 'SIGKILL|killing'; then
+    fail "the journal shows a kill"
+else
+    pass "no SIGKILL in the journal"
+fi
+in_ct systemctl start miden-prover
+wait_for 30 "miden-prover active again" \
+    sh -c "[ \"\$(tests/sysd-ct.sh exec $ct systemctl is-active miden-prover)\" = active ]"
+
+say "reinstall keeps an edited conffile; purge removes users, units and files"
+in_ct sh -c 'echo "# edited by the operator" >> /etc/miden-prover/worker.toml'
+in_ct dpkg -i "$debs"/miden-proving-service_*.deb "$debs"/miden-prover_*.deb \
+    "$debs"/miden-prover-proxy_*.deb
+in_ct grep -q '^# edited by the operator$' /etc/miden-prover/worker.toml &&
+    pass "the edited worker.toml survived the reinstall" || fail "worker.toml was replaced"
+in_ct grep -q '127.0.0.1:50052' /etc/miden-prover-proxy/proxy.toml &&
+    pass "the edited proxy.toml survived the reinstall" || fail "proxy.toml was replaced"
+for unit in miden-prover miden-prover-proxy; do
+    wait_for 30 "$unit active after the reinstall" \
+        sh -c "[ \"\$(tests/sysd-ct.sh exec $ct systemctl is-active $unit)\" = active ]"
+done
+in_ct dpkg --purge miden-prover-proxy miden-prover miden-proving-service
+left=""
+for user in miden-prover miden-prover-proxy; do
+    in_ct getent passwd $user >/dev/null && left="$left user:$user"
+    in_ct getent group $user >/dev/null && left="$left group:$user"
+done
+for path in /etc/miden-prover /etc/miden-prover-proxy /usr/bin/miden-proving-service \
+    /usr/bin/minedctl /usr/lib/miden-proving-service /usr/lib/systemd/system/miden-prover.service \
+    /usr/lib/systemd/system/miden-prover-proxy.service /usr/lib/sysusers.d/miden-prover.conf \
+    /etc/systemd/system/multi-user.target.wants/miden-prover.service \
+    /etc/systemd/system/multi-user.target.wants/miden-prover-proxy.service; do
+    in_ct test -e $path && left="$left $path"
+done
+units=$(in_ct systemctl list-unit-files --no-legend 'miden-*' || true)
+[ -n "$units" ] && left="$left units:$units"
+[ -z "$left" ] && pass "purge left nothing" || fail "purge left:$left"
+
+echo
+if [ $failures -gt 0 ]; then
+    echo "packages.sh: $failures check(s) failed"
+    exit 1
+fi
+echo "packages.sh: all checks passed"
