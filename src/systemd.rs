@@ -28,10 +28,21 @@ pub fn reloading() {
     }
 }
 
-/// Announces that the daemon is shutting down.
-pub fn stopping(status: &str) {
-    send(&[NotifyState::Stopping, NotifyState::Status(status)]);
+/// Announces that the daemon is shutting down and will take up to `expected` to do it: the
+/// service manager's stop timeout is extended to that plus a margin (`EXTEND_TIMEOUT_USEC`, which
+/// only ever lengthens it), so a grace period raised in the configuration, even by a reload, is
+/// not cut short by the unit's `TimeoutStopSec=` with a SIGKILL.
+pub fn stopping(status: &str, expected: Duration) {
+    let usec = (expected + STOP_MARGIN).as_micros().min(u128::from(u32::MAX));
+    send(&[
+        NotifyState::Stopping,
+        NotifyState::Status(status),
+        NotifyState::ExtendTimeoutUsec(u32::try_from(usec).unwrap_or(u32::MAX)),
+    ]);
 }
+
+/// Time for what follows the grace period: closing connections, flushing logs and traces.
+const STOP_MARGIN: Duration = Duration::from_secs(10);
 
 /// The interval at which to send `WATCHDOG=1`: half of `WATCHDOG_USEC`, when the service manager
 /// asked for pings and `WATCHDOG_PID`, if set, names this process (`sd_watchdog_enabled(3)`).

@@ -139,7 +139,7 @@ async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<
     // Stop admitting before announcing it, so nothing arrives in between.
     proxy.pool().close();
     serving.store(false, Ordering::SeqCst);
-    drain(&proxy, settings.grace_period).await;
+    drain(&proxy, settings.grace_period, settings.graceful_shutdown_timeout).await;
     let _ = stop.send(true);
     let _ = tokio::time::timeout(settings.graceful_shutdown_timeout, async {
         while tasks.join_next().await.is_some() {}
@@ -153,10 +153,13 @@ async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<
 }
 
 /// Lets queued and running requests finish within `grace_period`; the pool admits nothing new.
-async fn drain(proxy: &Proxy, grace_period: Duration) {
+async fn drain(proxy: &Proxy, grace_period: Duration, shutdown_timeout: Duration) {
     let in_flight = proxy.pool().in_flight();
     info!(in_flight, grace_period = ?grace_period, "stopping: admitting nothing new; finishing queued and running requests");
-    systemd::stopping(&format!("stopping: {in_flight} requests to finish"));
+    systemd::stopping(
+        &format!("stopping: {in_flight} requests to finish"),
+        grace_period + shutdown_timeout,
+    );
     let mut changed = proxy.pool().subscribe();
     let drained = tokio::time::timeout(grace_period, async {
         while proxy.pool().in_flight() > 0 {

@@ -99,7 +99,10 @@ async fn serve_until_stopped(
     worker.stop_accepting();
     let busy = worker.is_busy();
     info!(busy, grace_period = ?settings.grace_period, "stopping: no new requests; finishing the proof in flight");
-    systemd::stopping(if busy { "stopping: finishing the proof in flight" } else { "stopping" });
+    systemd::stopping(
+        if busy { "stopping: finishing the proof in flight" } else { "stopping" },
+        settings.grace_period,
+    );
     let _ = stop.send(());
     match tokio::time::timeout(settings.grace_period, &mut server).await {
         Ok(Ok(Ok(()))) => info!("stopped"),

@@ -406,6 +406,8 @@ async fn sigterm_lets_queued_and_running_requests_finish() {
 
     proxy.daemon.signal(Signal::SIGTERM);
     proxy.daemon.notify.wait_for_line("STOPPING=1", 0, START_TIMEOUT).await;
+    // grace_period (300 s here) + graceful_shutdown_timeout (5 s) + 10 s: past TimeoutStopSec.
+    proxy.daemon.notify.wait_for_line("EXTEND_TIMEOUT_USEC=315000000", 0, START_TIMEOUT).await;
     let late = api(&proxy.daemon).await.prove(tx_request(&sample.inputs[1])).await;
     assert_eq!(late.expect_err("nothing new is admitted").code(), Code::Unavailable);
 

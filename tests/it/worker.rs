@@ -180,6 +180,8 @@ async fn sigterm_lets_the_proof_in_flight_reach_its_client() {
     worker.notify.wait_for_status("proving", PROOF_TIMEOUT).await;
     worker.signal(Signal::SIGTERM);
     worker.notify.wait_for_line("STOPPING=1", 0, START_TIMEOUT).await;
+    // grace_period (60 s) + 10 s: systemd's stop timeout covers a raised grace period too.
+    worker.notify.wait_for_line("EXTEND_TIMEOUT_USEC=70000000", 0, START_TIMEOUT).await;
 
     let proof = proving.await.expect("join").expect("the proof in flight is delivered");
     verify(&proof.into_inner().payload);
