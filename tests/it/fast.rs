@@ -13,14 +13,20 @@ use miden_objects::utils::{Deserializable, Serializable};
 use miden_proving_service::proto::{ProofRequest, ProofType};
 use miden_tx::TransactionVerifier;
 
+use crate::support::Launch;
 use crate::support::fixtures::sample_transactions;
-use crate::support::{Launch, bin};
 
 fn fast_dir() -> PathBuf {
     PathBuf::from(std::env::var_os("MPS_FAST_DIR").expect(
         "MPS_FAST_DIR names the fast build's directory (scripts/build-fast.sh --bins --examples \
          → target/x86-64-v4/debug)",
     ))
+}
+
+/// The generic build of this checkout: `bin()` follows `MPS_TEST_BIN`, which `.ci/run` points at
+/// the fast build for the worker tests.
+fn generic_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_miden-proving-service"))
 }
 
 /// "x86-64-v4" for `target/x86-64-v4/debug`.
@@ -59,7 +65,8 @@ async fn the_fast_and_the_generic_build_verify_each_others_proofs() {
     );
 
     // The generic worker proves; the fast build's verifier checks it.
-    let generic_worker = Launch::worker_from(&bin(), "transaction", 0).start().await;
+    let generic_worker = Launch::worker_from(&generic_bin(), "transaction", 0).start().await;
+    assert_eq!(generic_worker.worker_status().await.version, env!("CARGO_PKG_VERSION"));
     let proof = generic_worker.api().await.prove(request()).await.expect("generic proof");
     let file = tempfile::NamedTempFile::new().expect("tempfile");
     std::fs::write(file.path(), &proof.get_ref().payload).expect("write the proof");
@@ -133,7 +140,7 @@ fn the_generic_binary_starts_the_fast_build_where_the_cpu_runs_it() {
     let fast = prefix.path().join("lib/miden-proving-service/miden-proving-service.x86-64-v4");
     std::fs::create_dir_all(generic.parent().expect("bin")).expect("bin/");
     std::fs::create_dir_all(fast.parent().expect("lib")).expect("lib/");
-    std::fs::copy(bin(), &generic).expect("copy the generic build");
+    std::fs::copy(generic_bin(), &generic).expect("copy the generic build");
     std::fs::copy(fast_dir().join("miden-proving-service"), &fast).expect("copy the fast build");
     let version = |build: &str| {
         format!("miden-proving-service {} ({build} build)\n", env!("CARGO_PKG_VERSION"))
