@@ -51,6 +51,18 @@ strip_to "target/$out/miden-proving-service" "$stage/miden-proving-service"
 strip_to "target/$out/minedctl" "$stage/minedctl"
 strip_to "target/x86-64-v4/$out/miden-proving-service" "$stage/miden-proving-service.x86-64-v4"
 "target/$out/examples/gen_assets" "$stage" >/dev/null
+# The staged binaries are the builds their names say (RUSTFLAGS in the environment, say, would
+# override the fast build's target CPU), and need no newer glibc than the packages depend on.
+grep -q '(x86-64-v4 build)' "$stage/miden-proving-service.x86-64-v4" ||
+    { echo "build-debs: the staged x86-64-v4 binary is not an x86-64-v4 build" >&2; exit 1; }
+grep -q '(generic build)' "$stage/miden-proving-service" ||
+    { echo "build-debs: the staged /usr/bin binary is not the generic build" >&2; exit 1; }
+glibc=$(objdump -T "$stage"/miden-proving-service* "$stage/minedctl" | grep -o 'GLIBC_[0-9.]*' |
+    sed 's/GLIBC_//' | sort -V | tail -1)
+if ! grep -q "libc6 (>= $glibc)" Cargo.toml; then
+    echo "build-debs: the binaries need glibc $glibc; Cargo.toml's depends say otherwise" >&2
+    exit 1
+fi
 gzip -9n "$stage"/man/*.1
 
 rm -f target/debian/*.deb target/debian/SHA256SUMS

@@ -96,6 +96,13 @@ INIT
         case $s in running | degraded) break ;; esac
         sleep 0.1
     done
+    case $s in
+    running | degraded) ;;
+    *)
+        echo "sysd-ct: $name did not finish booting in 30 s (system '$s')" >&2
+        exit 1
+        ;;
+    esac
     echo "sysd-ct: $name booted (systemd pid $pid on the host, system $s)" >&2
     ;;
 exec)
