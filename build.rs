@@ -2,7 +2,7 @@
 //! generates the tonic client and server code plus the descriptor set served by gRPC reflection.
 //!
 //! Also names the build: `SERVICE_BUILD_CPU` is the `-C target-cpu` it was compiled for
-//! ("generic" when none, "x86-64-v4" for `scripts/build-fast.sh`), and `SERVICE_BUILD_FEATURES`
+//! ("generic" when none, "x86-64-v3" for `scripts/build-fast.sh`), and `SERVICE_BUILD_FEATURES`
 //! lists the CPU features the compiler was allowed to use, which the binary checks for at start.
 //! (Not `MPS_*`: cargo also sets these variables when it runs tests, where the proxy would read
 //! them as configuration.)

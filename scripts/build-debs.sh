@@ -1,12 +1,12 @@
 #!/bin/bash
 # scripts/build-debs.sh: the Debian packages, into target/debian/:
-#   miden-proving-service_*.deb  the program (generic build in /usr/bin, the x86-64-v4 build it
+#   miden-proving-service_*.deb  the program (generic build in /usr/bin, the x86-64-v3 build it
 #                                starts where the CPU runs it in /usr/lib), man pages, completions
 #   miden-prover_*.deb           the worker service: unit, /etc/miden-prover/worker.toml, user
 #   miden-prover-proxy_*.deb     the proxy service: unit, /etc/miden-prover-proxy/proxy.toml,
 #                                user, minedctl, monitoring files
 #
-#   scripts/build-debs.sh                     release builds (two full builds: generic and v4)
+#   scripts/build-debs.sh                     release builds (two full builds: generic and x86-64-v3)
 #   MPS_DEB_PROFILE=dev scripts/build-debs.sh the dev-profile builds the tests ran (.ci/run)
 #
 # Needs cargo-deb (`cargo install cargo-deb --locked`). The binaries are built here and staged in
@@ -39,7 +39,7 @@ if [ "$pins" != 2 ]; then
 fi
 
 cargo build --locked "${generic[@]}"
-MPS_TARGET_CPU=x86-64-v4 scripts/build-fast.sh "${fast[@]}"
+MPS_TARGET_CPU=x86-64-v3 scripts/build-fast.sh "${fast[@]}"
 
 stage=target/deb-staging
 rm -rf "$stage"
@@ -49,12 +49,12 @@ strip_to() {
 }
 strip_to "target/$out/miden-proving-service" "$stage/miden-proving-service"
 strip_to "target/$out/minedctl" "$stage/minedctl"
-strip_to "target/x86-64-v4/$out/miden-proving-service" "$stage/miden-proving-service.x86-64-v4"
+strip_to "target/x86-64-v3/$out/miden-proving-service" "$stage/miden-proving-service.x86-64-v3"
 "target/$out/examples/gen_assets" "$stage" >/dev/null
 # The staged binaries are the builds their names say (RUSTFLAGS in the environment, say, would
 # override the fast build's target CPU), and need no newer glibc than the packages depend on.
-grep -q '(x86-64-v4 build)' "$stage/miden-proving-service.x86-64-v4" ||
-    { echo "build-debs: the staged x86-64-v4 binary is not an x86-64-v4 build" >&2; exit 1; }
+grep -q '(x86-64-v3 build)' "$stage/miden-proving-service.x86-64-v3" ||
+    { echo "build-debs: the staged x86-64-v3 binary is not an x86-64-v3 build" >&2; exit 1; }
 grep -q '(generic build)' "$stage/miden-proving-service" ||
     { echo "build-debs: the staged /usr/bin binary is not the generic build" >&2; exit 1; }
 glibc=$(objdump -T "$stage"/miden-proving-service* "$stage/minedctl" | grep -o 'GLIBC_[0-9.]*' |

@@ -1,6 +1,6 @@
 //! Which build of the service this is; the check that this CPU can run it is in `src/cpu_check.c`.
 //!
-//! `scripts/build-fast.sh` compiles the prover for `x86-64-v4` (AVX-512) by default: about twice
+//! `scripts/build-fast.sh` compiles the prover for `x86-64-v3` (AVX2) by default: about twice
 //! as fast (BENCHMARKS.md), but an older CPU would die of SIGILL. Such builds link `src/cpu_check.c`
 //! (compiled for baseline x86-64 by `build.rs`), whose constructor runs before `main` and refuses
 //! to start on a CPU that lacks a feature the build uses, naming it. The check cannot be Rust:
@@ -12,7 +12,7 @@
 /// "native".
 pub const BUILD: &str = env!("SERVICE_BUILD_CPU");
 
-/// The version with the build: "0.1.0" for the generic build, "0.1.0+x86-64-v4" otherwise
+/// The version with the build: "0.1.0" for the generic build, "0.1.0+x86-64-v3" otherwise
 /// (semver build metadata, so version checks that compare major.minor are unaffected).
 pub fn version() -> String {
     if BUILD == "generic" {
@@ -22,7 +22,7 @@ pub fn version() -> String {
     }
 }
 
-/// `--version` text: "0.1.0 (x86-64-v4 build)".
+/// `--version` text: "0.1.0 (x86-64-v3 build)".
 pub const LONG_VERSION: &str =
     concat!(env!("CARGO_PKG_VERSION"), " (", env!("SERVICE_BUILD_CPU"), " build)");
 
@@ -31,22 +31,23 @@ pub fn required() -> Vec<&'static str> {
     env!("SERVICE_BUILD_FEATURES").split(',').filter(|f| !f.is_empty()).collect()
 }
 
-/// The build the packages carry beside the generic one: `x86-64-v4`, the one that pays
-/// (2.2× on a transaction proof; `x86-64-v3` gives 1.01×, BENCHMARKS.md).
-pub const FAST_BUILD: &str = "x86-64-v4";
+/// The build the packages carry beside the generic one: `x86-64-v3` (AVX2, x86 servers of the
+/// last ten years), 2.1× as fast on a transaction proof; `x86-64-v4` adds 8 % on a CPU with
+/// AVX-512 (BENCHMARKS.md), too little to carry a third build of the prover.
+pub const FAST_BUILD: &str = "x86-64-v3";
 
 /// Set to `generic` to keep the generic build even where the fast one could run.
 pub const BUILD_ENV: &str = "MIDEN_PROVER_BUILD";
 
 /// Where the fast build lives relative to the generic binary: `/usr/bin/miden-proving-service`
-/// → `/usr/lib/miden-proving-service/miden-proving-service.x86-64-v4`.
+/// → `/usr/lib/miden-proving-service/miden-proving-service.x86-64-v3`.
 pub fn fast_build_beside(exe: &std::path::Path) -> Option<std::path::PathBuf> {
     let prefix = exe.parent()?.parent()?;
     let name = exe.file_name()?.to_str()?;
     Some(prefix.join("lib").join(name).join(format!("{name}.{FAST_BUILD}")))
 }
 
-/// The features of `x86-64-v4` beyond the baseline, as rustc's `--print cfg` lists them.
+/// The features of `x86-64-v3` beyond the baseline, as rustc's `--print cfg` lists them.
 #[cfg(target_arch = "x86_64")]
 fn runs_fast_build() -> bool {
     macro_rules! all_detected {
@@ -55,11 +56,6 @@ fn runs_fast_build() -> bool {
     all_detected!(
         "avx",
         "avx2",
-        "avx512bw",
-        "avx512cd",
-        "avx512dq",
-        "avx512f",
-        "avx512vl",
         "bmi1",
         "bmi2",
         "cmpxchg16b",

@@ -1,5 +1,5 @@
 /* The CPU check of the fast builds (scripts/build-fast.sh), linked into every binary of such a
- * build by build.rs, which compiles it for baseline x86-64 and defines MPS_BUILD ("x86-64-v4")
+ * build by build.rs, which compiles it for baseline x86-64 and defines MPS_BUILD ("x86-64-v3")
  * and MPS_REQUIRED (the CPU features rustc was allowed to use, comma-separated).
  *
  * Why C, and why a constructor: once Rust code is compiled with AVX enabled, the compiler may use

@@ -95,12 +95,11 @@ for unit in miden-prover miden-prover-proxy; do
     [ "$(show $unit User)" = "$unit" ] && in_ct getent passwd "$unit" >/dev/null &&
         pass "$unit runs as its own system user" || fail "$unit user"
 done
-# The program picks its build at start: x86-64-v4 where the CPU has AVX-512, otherwise generic.
-want=generic
-if grep -qw avx512f /proc/cpuinfo && grep -qw avx512dq /proc/cpuinfo &&
-    grep -qw avx512bw /proc/cpuinfo && grep -qw avx512vl /proc/cpuinfo; then
-    want=x86-64-v4
-fi
+# The program picks its build at start: x86-64-v3 where the CPU has AVX2 & co, otherwise generic.
+want=x86-64-v3
+for flag in avx avx2 bmi1 bmi2 cx16 f16c fma abm movbe popcnt pni sse4_1 sse4_2 ssse3 xsave; do
+    grep -qw $flag /proc/cpuinfo || want=generic
+done
 if in_ct journalctl -u miden-prover -o json --no-pager | grep -q "\"BUILD\":\"$want\""; then
     pass "the worker runs the $want build on this CPU"
 else

@@ -1,8 +1,8 @@
-//! The fast (x86-64-v4) build against the generic one. These tests need that build, so they are
+//! The fast (x86-64-v3) build against the generic one. These tests need that build, so they are
 //! ignored by a plain `cargo test`; `.ci/run` makes it with `scripts/build-fast.sh --bins
-//! --examples` and runs them with `MPS_FAST_DIR=target/x86-64-v4/debug … --include-ignored`
+//! --examples` and runs them with `MPS_FAST_DIR=target/x86-64-v3/debug … --include-ignored`
 //! (and every worker test against it with `MPS_TEST_BIN`). The build's name is the directory's:
-//! `MPS_TARGET_CPU=x86-64-v3` gives `target/x86-64-v3/debug`, tested the same way.
+//! `MPS_TARGET_CPU=x86-64-v4` gives `target/x86-64-v4/debug`, tested the same way.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -19,7 +19,7 @@ use crate::support::fixtures::sample_transactions;
 fn fast_dir() -> PathBuf {
     PathBuf::from(std::env::var_os("MPS_FAST_DIR").expect(
         "MPS_FAST_DIR names the fast build's directory (scripts/build-fast.sh --bins --examples \
-         → target/x86-64-v4/debug)",
+         → target/x86-64-v3/debug)",
     ))
 }
 
@@ -29,7 +29,7 @@ fn generic_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_miden-proving-service"))
 }
 
-/// "x86-64-v4" for `target/x86-64-v4/debug`.
+/// "x86-64-v3" for `target/x86-64-v3/debug`.
 fn fast_build() -> String {
     let dir = fast_dir();
     let name = dir.parent().and_then(|p| p.file_name()).expect("target/<cpu>/<profile>");
@@ -105,8 +105,8 @@ fn on_a_cpu_without_avx2_the_fast_build_refuses_to_start_naming_what_is_missing(
             "{stderr}"
         );
     }
-    // The same binary on a CPU with the features starts normally: qemu's "max" model has AVX2
-    // but no AVX-512, so a v4 build is run directly (the machines that run this test have it).
+    // The same binary on a CPU with the features starts normally: under qemu's "max" model (AVX2,
+    // no AVX-512) for the x86-64-v3 build, directly for another (this machine runs it).
     let mut command = if build == "x86-64-v3" {
         let mut qemu = Command::new("qemu-x86_64");
         qemu.args(["-cpu", "max"]).arg(&fast);
@@ -123,21 +123,25 @@ fn on_a_cpu_without_avx2_the_fast_build_refuses_to_start_naming_what_is_missing(
 }
 
 /// The packages' layout: the generic binary in `bin/`, the fast build in
-/// `lib/miden-proving-service/miden-proving-service.x86-64-v4`. The generic binary hands over
+/// `lib/miden-proving-service/miden-proving-service.x86-64-v3`. The generic binary hands over
 /// to the fast one where the CPU runs it, and stays itself where not, or when told to.
 #[test]
-#[ignore = "needs the x86-64-v4 build and qemu-user: scripts/build-fast.sh --bins, MPS_FAST_DIR"]
+#[ignore = "needs the x86-64-v3 build and qemu-user: scripts/build-fast.sh --bins, MPS_FAST_DIR"]
 fn the_generic_binary_starts_the_fast_build_where_the_cpu_runs_it() {
     if fast_build() != miden_proving_service::cpu::FAST_BUILD {
         eprintln!(
-            "skipped: the packages carry the x86-64-v4 build, MPS_FAST_DIR holds {}",
+            "skipped: the packages carry the {} build, MPS_FAST_DIR holds {}",
+            miden_proving_service::cpu::FAST_BUILD,
             fast_build()
         );
         return;
     }
     let prefix = tempfile::tempdir().expect("tempdir");
     let generic = prefix.path().join("bin/miden-proving-service");
-    let fast = prefix.path().join("lib/miden-proving-service/miden-proving-service.x86-64-v4");
+    let fast = prefix.path().join(format!(
+        "lib/miden-proving-service/miden-proving-service.{}",
+        miden_proving_service::cpu::FAST_BUILD
+    ));
     std::fs::create_dir_all(generic.parent().expect("bin")).expect("bin/");
     std::fs::create_dir_all(fast.parent().expect("lib")).expect("lib/");
     std::fs::copy(generic_bin(), &generic).expect("copy the generic build");
@@ -151,16 +155,26 @@ fn the_generic_binary_starts_the_fast_build_where_the_cpu_runs_it() {
         String::from_utf8_lossy(&output.stdout).into_owned()
     };
 
-    let cpu_runs_v4 = ["avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512cd"]
-        .iter()
-        .all(|f| std::fs::read_to_string("/proc/cpuinfo").expect("cpuinfo").contains(f));
+    // x86-64-v3's features as /proc/cpuinfo names them (abm: lzcnt; pni: sse3; cx16: cmpxchg16b).
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").expect("cpuinfo");
+    let flags: Vec<&str> = cpuinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("flags"))
+        .map(|flags| flags.trim_start_matches([' ', '\t', ':']).split(' ').collect())
+        .unwrap_or_default();
+    let cpu_runs_v3 = [
+        "avx", "avx2", "bmi1", "bmi2", "cx16", "f16c", "fma", "abm", "movbe", "popcnt", "pni",
+        "sse4_1", "sse4_2", "ssse3", "xsave",
+    ]
+    .iter()
+    .all(|f| flags.contains(f));
     let here = run(&mut Command::new(&generic));
-    assert_eq!(here, version(if cpu_runs_v4 { "x86-64-v4" } else { "generic" }));
+    assert_eq!(here, version(if cpu_runs_v3 { "x86-64-v3" } else { "generic" }));
     assert_eq!(
         run(Command::new(&generic).env(miden_proving_service::cpu::BUILD_ENV, "generic")),
         version("generic")
     );
-    // A CPU without AVX-512 (qemu's Nehalem): the generic binary stays; had it handed over, the
+    // A CPU without AVX2 (qemu's Nehalem): the generic binary stays; had it handed over, the
     // exec'd fast build would run natively, outside qemu, and print its own name.
     let old = run(Command::new("qemu-x86_64").args(["-cpu", "Nehalem"]).arg(&generic));
     assert_eq!(old, version("generic"));

@@ -105,7 +105,7 @@ async fn refuses_bad_requests_clearly_and_answers_busy_at_once() {
         assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     }
     let status = worker.worker_status().await;
-    // "0.1.0", or "0.1.0+x86-64-v4" when MPS_TEST_BIN names the fast build.
+    // "0.1.0", or "0.1.0+x86-64-v3" when MPS_TEST_BIN names the fast build.
     assert_eq!(status.version.split('+').next(), Some(env!("CARGO_PKG_VERSION")));
     assert_eq!(status.supported_proof_type, ProofType::Transaction as i32);
     assert!(!status.busy);
