@@ -4,6 +4,7 @@
 //!
 //! The log filter sits behind a reload handle so `systemctl reload` can change it live.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::os::fd::AsFd;
 
@@ -164,6 +165,41 @@ impl Extractor for MetadataExtractor<'_> {
             })
             .collect()
     }
+}
+
+/// Makes `span` a child of a trace context given as W3C header values (the proxy reads them
+/// from the client's HTTP/2 headers), when traces are exported.
+pub fn continue_trace_from(
+    span: &tracing::Span,
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    let headers: HashMap<String, String> =
+        [("traceparent", traceparent), ("tracestate", tracestate)]
+            .into_iter()
+            .filter_map(|(key, value)| Some((key.to_owned(), value?.to_owned())))
+            .collect();
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&headers));
+    // Fails only when the span is disabled or has no OpenTelemetry layer: then there is nothing
+    // to continue.
+    let _ = span.set_parent(parent);
+}
+
+/// The W3C trace headers (`traceparent`, `tracestate`) that make a callee's spans children of
+/// `span`. Empty when traces are not exported (no propagator is installed then) or `span` is
+/// disabled by the log filter.
+pub fn trace_headers(span: &tracing::Span) -> HashMap<String, String> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    let context = span.context();
+    let mut headers = HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut headers);
+    });
+    headers
 }
 
 /// Makes `span` a child of the trace context the caller sent, when traces are exported.

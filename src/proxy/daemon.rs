@@ -84,6 +84,8 @@ async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<
         metrics = %metrics.as_ref().map_or_else(|| "off".to_owned(), local),
         control = %control.as_ref().map_or_else(|| "off".to_owned(), |c| c.path().display().to_string()),
         workers = settings.workers.len(),
+        logs = telemetry.destination,
+        traces = if telemetry.exports_traces() { "otlp" } else { "off" },
         "proxy listening on {}",
         local(&main)
     );

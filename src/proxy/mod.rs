@@ -30,6 +30,7 @@ use self::pool::{AcquireError, Health, Origin, WorkerPool};
 use crate::ProofKind;
 use crate::config::ProxySettings;
 use crate::proto::{self, ProofType};
+use crate::telemetry;
 
 /// Settings a reload may change while requests run.
 #[derive(Clone, Debug)]
@@ -165,6 +166,11 @@ impl Proxy {
             client = client.map(|ip| ip.to_string()).unwrap_or_default(),
             request_id = meta.request_id.clone().unwrap_or_default()
         );
+        telemetry::continue_trace_from(
+            &span,
+            meta.traceparent.as_deref(),
+            meta.tracestate.as_deref(),
+        );
         let result = self.prove_inner(message, client, &meta).instrument(span.clone()).await;
         let code = match &result {
             Ok(_) => Code::Ok,
@@ -229,6 +235,15 @@ impl Proxy {
             )));
         }
 
+        // The trace context the worker gets: this request's span when this proxy exports traces
+        // (client → proxy_prove → the worker's prove); otherwise the client's own, passed on, so
+        // the worker's span still joins the client's trace.
+        let exported = telemetry::trace_headers(&tracing::Span::current());
+        let (traceparent, tracestate) = match exported.get("traceparent") {
+            Some(own) => (Some(own.clone()), exported.get("tracestate").cloned()),
+            None => (meta.traceparent.clone(), meta.tracestate.clone()),
+        };
+
         let mut excluded: Vec<String> = Vec::new();
         let attempts = 1 + live.max_retries_per_request;
         let mut last_failure = String::new();
@@ -267,8 +282,8 @@ impl Proxy {
             let mut call = tonic::Request::new(message.clone());
             call.set_timeout(live.timeout);
             for (key, value) in [
-                ("traceparent", &meta.traceparent),
-                ("tracestate", &meta.tracestate),
+                ("traceparent", &traceparent),
+                ("tracestate", &tracestate),
                 ("x-request-id", &meta.request_id),
             ] {
                 if let Some(value) = value.as_deref().and_then(|v| v.parse().ok()) {

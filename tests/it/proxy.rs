@@ -1,5 +1,6 @@
 //! The proxy daemon in front of real workers: concurrency, retries after a worker dies, busy
-//! workers, the queue and its limits, health, the upstream client, gRPC-web, metrics, shutdown.
+//! workers, the queue and its limits, health, the upstream client, gRPC-web, metrics, traces,
+//! shutdown.
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::support::fixtures::sample_transactions;
+use crate::support::otlp::Collector;
 use crate::support::{Daemon, Launch, START_TIMEOUT};
 
 const PROOF_TIMEOUT: Duration = Duration::from_secs(300);
@@ -423,4 +425,65 @@ async fn sigterm_lets_queued_and_running_requests_finish() {
     }
     let status = proxy.daemon.wait(START_TIMEOUT).await;
     assert_eq!(status.code(), Some(0), "{}", proxy.daemon.output());
+}
+
+/// Proves `inputs` through `daemon` as a client would within the span `client_span` of `trace_id`.
+async fn prove_in_trace(daemon: &Daemon, inputs: &TransactionInputs, trace_id: &str, span: &str) {
+    let mut request = tonic::Request::new(tx_request(inputs));
+    let traceparent = format!("00-{trace_id}-{span}-01");
+    request.metadata_mut().insert("traceparent", traceparent.parse().expect("ascii"));
+    let proof = api(daemon).await.prove(request).await.expect("proved through the proxy");
+    verify(&proof.get_ref().payload);
+}
+
+#[tokio::test]
+async fn a_clients_trace_runs_through_the_proxy_into_the_worker() {
+    let (collector_addr, collector) = Collector::start().await;
+    let endpoint = format!("http://{collector_addr}");
+    let exporting = |mut launch: Launch| {
+        // Export every 100 ms rather than every 5 s.
+        launch.command.env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
+        launch.command.env("OTEL_BSP_SCHEDULE_DELAY", "100");
+        launch
+    };
+    let sample = sample_transactions(1).await.expect("sample transaction");
+    let worker = exporting(Launch::worker("transaction")).start().await;
+    let mut tracing_proxy = exporting(Launch::proxy("transaction", &[&worker])).start_proxy().await;
+    let mut quiet_proxy = Launch::proxy("transaction", &[&worker]).start_proxy().await;
+    tracing_proxy.wait_healthy(1, 1).await;
+    quiet_proxy.wait_healthy(1, 1).await;
+    let output = tracing_proxy.daemon.output();
+    assert!(output.contains("traces=\"otlp\"") || output.contains("traces=otlp"), "{output}");
+
+    let wait = Duration::from_secs(30);
+
+    // A proxy that exports traces: client span → the proxy's proxy_prove → the worker's prove.
+    let (trace, client_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    prove_in_trace(&tracing_proxy.daemon, &sample.inputs[0], trace, client_span).await;
+    let proxy_span = collector
+        .wait_for("proxy_prove span", wait, |s| s.name == "proxy_prove" && s.trace_id == trace)
+        .await;
+    assert_eq!(proxy_span.service, "miden-prover-proxy");
+    assert_eq!(proxy_span.parent_span_id, client_span, "the proxy continues the client's trace");
+    let worker_span = collector
+        .wait_for("worker prove span", wait, |s| s.name == "prove" && s.trace_id == trace)
+        .await;
+    assert_eq!(worker_span.service, "miden-prover");
+    assert_eq!(
+        worker_span.parent_span_id, proxy_span.span_id,
+        "the worker's span is a child of the proxy's"
+    );
+
+    // A proxy that does not: it passes the client's context on, so the worker's span still joins
+    // the client's trace, one level up.
+    let (trace, client_span) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    prove_in_trace(&quiet_proxy.daemon, &sample.inputs[0], trace, client_span).await;
+    let worker_span = collector
+        .wait_for("worker prove span", wait, |s| s.name == "prove" && s.trace_id == trace)
+        .await;
+    assert_eq!(worker_span.parent_span_id, client_span);
+    assert!(
+        !collector.spans().iter().any(|s| s.service == "miden-prover-proxy" && s.trace_id == trace),
+        "the quiet proxy exported nothing"
+    );
 }

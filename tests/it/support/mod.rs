@@ -2,6 +2,7 @@
 //! real `NOTIFY_SOCKET`, discovers the port each bound from `/proc`, and talks gRPC to them.
 
 pub mod fixtures;
+pub mod otlp;
 pub mod standin;
 
 use std::collections::HashSet;
