@@ -199,6 +199,8 @@ pub fn trace_headers(span: &tracing::Span) -> HashMap<String, String> {
     opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.inject_context(&context, &mut headers);
     });
+    // The propagator writes an empty `tracestate` when there is none; W3C asks not to send that.
+    headers.retain(|_, value| !value.is_empty());
     headers
 }
 

@@ -171,7 +171,20 @@ impl Proxy {
             meta.traceparent.as_deref(),
             meta.tracestate.as_deref(),
         );
-        let result = self.prove_inner(message, client, &meta).instrument(span.clone()).await;
+        // The trace context the worker gets: this request's span when this proxy exports traces
+        // (client → proxy_prove → the worker's prove); otherwise (no exporter, or the log filter
+        // disables info spans) the client's own, passed on, so the worker's span still joins the
+        // client's trace.
+        let exported = telemetry::trace_headers(&span);
+        let forwarded = match exported.get("traceparent") {
+            Some(own) => RequestMeta {
+                traceparent: Some(own.clone()),
+                tracestate: exported.get("tracestate").cloned(),
+                request_id: meta.request_id.clone(),
+            },
+            None => meta,
+        };
+        let result = self.prove_inner(message, client, &forwarded).instrument(span.clone()).await;
         let code = match &result {
             Ok(_) => Code::Ok,
             Err(status) => status.code(),
@@ -235,15 +248,6 @@ impl Proxy {
             )));
         }
 
-        // The trace context the worker gets: this request's span when this proxy exports traces
-        // (client → proxy_prove → the worker's prove); otherwise the client's own, passed on, so
-        // the worker's span still joins the client's trace.
-        let exported = telemetry::trace_headers(&tracing::Span::current());
-        let (traceparent, tracestate) = match exported.get("traceparent") {
-            Some(own) => (Some(own.clone()), exported.get("tracestate").cloned()),
-            None => (meta.traceparent.clone(), meta.tracestate.clone()),
-        };
-
         let mut excluded: Vec<String> = Vec::new();
         let attempts = 1 + live.max_retries_per_request;
         let mut last_failure = String::new();
@@ -282,8 +286,8 @@ impl Proxy {
             let mut call = tonic::Request::new(message.clone());
             call.set_timeout(live.timeout);
             for (key, value) in [
-                ("traceparent", &traceparent),
-                ("tracestate", &tracestate),
+                ("traceparent", &meta.traceparent),
+                ("tracestate", &meta.tracestate),
                 ("x-request-id", &meta.request_id),
             ] {
                 if let Some(value) = value.as_deref().and_then(|v| v.parse().ok()) {

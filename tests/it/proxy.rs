@@ -427,16 +427,22 @@ async fn sigterm_lets_queued_and_running_requests_finish() {
     assert_eq!(status.code(), Some(0), "{}", proxy.daemon.output());
 }
 
-/// Proves `inputs` through `daemon` as a client would within the span `client_span` of `trace_id`.
-async fn prove_in_trace(daemon: &Daemon, inputs: &TransactionInputs, trace_id: &str, span: &str) {
+/// Proves `inputs` through `daemon` with these request headers (W3C trace context).
+async fn prove_with(
+    daemon: &Daemon,
+    inputs: &TransactionInputs,
+    headers: &[(&'static str, String)],
+) {
     let mut request = tonic::Request::new(tx_request(inputs));
-    let traceparent = format!("00-{trace_id}-{span}-01");
-    request.metadata_mut().insert("traceparent", traceparent.parse().expect("ascii"));
+    for (key, value) in headers {
+        request.metadata_mut().insert(*key, value.parse().expect("ascii"));
+    }
     let proof = api(daemon).await.prove(request).await.expect("proved through the proxy");
     verify(&proof.get_ref().payload);
 }
 
-#[tokio::test]
+// The collector runs on this test's runtime: give it threads of its own while the test verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_trace_runs_through_the_proxy_into_the_worker() {
     let (collector_addr, collector) = Collector::start().await;
     let endpoint = format!("http://{collector_addr}");
@@ -447,6 +453,7 @@ async fn a_clients_trace_runs_through_the_proxy_into_the_worker() {
         launch
     };
     let sample = sample_transactions(1).await.expect("sample transaction");
+    let inputs = &sample.inputs[0];
     let worker = exporting(Launch::worker("transaction")).start().await;
     let mut tracing_proxy = exporting(Launch::proxy("transaction", &[&worker])).start_proxy().await;
     let mut quiet_proxy = Launch::proxy("transaction", &[&worker]).start_proxy().await;
@@ -454,12 +461,16 @@ async fn a_clients_trace_runs_through_the_proxy_into_the_worker() {
     quiet_proxy.wait_healthy(1, 1).await;
     let output = tracing_proxy.daemon.output();
     assert!(output.contains("traces=\"otlp\"") || output.contains("traces=otlp"), "{output}");
-
     let wait = Duration::from_secs(30);
 
-    // A proxy that exports traces: client span → the proxy's proxy_prove → the worker's prove.
+    // A proxy that exports traces: client span → the proxy's proxy_prove → the worker's prove,
+    // the client's tracestate carried along.
     let (trace, client_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
-    prove_in_trace(&tracing_proxy.daemon, &sample.inputs[0], trace, client_span).await;
+    let headers = [
+        ("traceparent", format!("00-{trace}-{client_span}-01")),
+        ("tracestate", "mps=t61rcWkgMzE".to_owned()),
+    ];
+    prove_with(&tracing_proxy.daemon, inputs, &headers).await;
     let proxy_span = collector
         .wait_for("proxy_prove span", wait, |s| s.name == "proxy_prove" && s.trace_id == trace)
         .await;
@@ -473,17 +484,34 @@ async fn a_clients_trace_runs_through_the_proxy_into_the_worker() {
         worker_span.parent_span_id, proxy_span.span_id,
         "the worker's span is a child of the proxy's"
     );
+    assert_eq!(
+        (&*proxy_span.trace_state, &*worker_span.trace_state),
+        ("mps=t61rcWkgMzE", "mps=t61rcWkgMzE")
+    );
 
-    // A proxy that does not: it passes the client's context on, so the worker's span still joins
-    // the client's trace, one level up.
+    // A client without trace context: the proxy's span starts the trace, the worker's joins it.
+    prove_with(&tracing_proxy.daemon, inputs, &[]).await;
+    let root = collector
+        .wait_for("root proxy_prove span", wait, |s| {
+            s.name == "proxy_prove" && s.parent_span_id.is_empty()
+        })
+        .await;
+    let worker_span = collector
+        .wait_for("worker prove span", wait, |s| s.name == "prove" && s.trace_id == root.trace_id)
+        .await;
+    assert_eq!(worker_span.parent_span_id, root.span_id);
+
+    // A proxy that does not export: it passes the client's context on, so the worker's span
+    // still joins the client's trace, one level up.
     let (trace, client_span) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
-    prove_in_trace(&quiet_proxy.daemon, &sample.inputs[0], trace, client_span).await;
+    prove_with(
+        &quiet_proxy.daemon,
+        inputs,
+        &[("traceparent", format!("00-{trace}-{client_span}-01"))],
+    )
+    .await;
     let worker_span = collector
         .wait_for("worker prove span", wait, |s| s.name == "prove" && s.trace_id == trace)
         .await;
     assert_eq!(worker_span.parent_span_id, client_span);
-    assert!(
-        !collector.spans().iter().any(|s| s.service == "miden-prover-proxy" && s.trace_id == trace),
-        "the quiet proxy exported nothing"
-    );
 }

@@ -21,6 +21,7 @@ pub struct ExportedSpan {
     pub trace_id: String,
     pub span_id: String,
     pub parent_span_id: String,
+    pub trace_state: String,
 }
 
 /// The spans received so far.
@@ -64,6 +65,7 @@ impl TraceService for Collector {
                     trace_id: hex(&span.trace_id),
                     span_id: hex(&span.span_id),
                     parent_span_id: hex(&span.parent_span_id),
+                    trace_state: span.trace_state,
                 });
             }
         }
@@ -84,11 +86,6 @@ impl Collector {
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
         );
         (addr, collector)
-    }
-
-    /// Every span received so far.
-    pub fn spans(&self) -> Vec<ExportedSpan> {
-        self.spans.lock().expect("spans").clone()
     }
 
     /// The first span `matches` accepts, waiting up to `timeout` for it to be exported.
