@@ -171,20 +171,7 @@ impl Proxy {
             meta.traceparent.as_deref(),
             meta.tracestate.as_deref(),
         );
-        // The trace context the worker gets: this request's span when this proxy exports traces
-        // (client → proxy_prove → the worker's prove); otherwise (no exporter, or the log filter
-        // disables info spans) the client's own, passed on, so the worker's span still joins the
-        // client's trace.
-        let exported = telemetry::trace_headers(&span);
-        let forwarded = match exported.get("traceparent") {
-            Some(own) => RequestMeta {
-                traceparent: Some(own.clone()),
-                tracestate: exported.get("tracestate").cloned(),
-                request_id: meta.request_id.clone(),
-            },
-            None => meta,
-        };
-        let result = self.prove_inner(message, client, &forwarded).instrument(span.clone()).await;
+        let result = self.prove_inner(message, client, &meta).instrument(span.clone()).await;
         let code = match &result {
             Ok(_) => Code::Ok,
             Err(status) => status.code(),
@@ -283,18 +270,29 @@ impl Proxy {
             self.metrics.worker_requests.with_label_values(&[lease.address()]).inc();
             self.update_gauges();
 
+            // The worker's trace parent: this attempt's span when this proxy exports traces
+            // (client → proxy_prove → proxy_attempt → the worker's prove); otherwise (no
+            // exporter, or a log filter that disables info spans) the client's own context,
+            // passed on, so the worker's span still joins the client's trace.
+            let attempt_span = info_span!("proxy_attempt", attempt, worker = lease.address());
+            let exported = telemetry::trace_headers(&attempt_span);
+            let (traceparent, tracestate) = match exported.get("traceparent") {
+                Some(own) => (Some(own.clone()), exported.get("tracestate").cloned()),
+                None => (meta.traceparent.clone(), meta.tracestate.clone()),
+            };
             let mut call = tonic::Request::new(message.clone());
             call.set_timeout(live.timeout);
             for (key, value) in [
-                ("traceparent", &meta.traceparent),
-                ("tracestate", &meta.tracestate),
+                ("traceparent", &traceparent),
+                ("tracestate", &tracestate),
                 ("x-request-id", &meta.request_id),
             ] {
                 if let Some(value) = value.as_deref().and_then(|v| v.parse().ok()) {
                     call.metadata_mut().insert(key, value);
                 }
             }
-            let answer = forward::prove(lease.channel(), call).await;
+            let answer =
+                forward::prove(lease.channel(), call).instrument(attempt_span.clone()).await;
             match answer {
                 Ok(proof) => return Ok(proof.into_inner()),
                 Err(status) => match classify(&status) {
@@ -318,7 +316,9 @@ impl Proxy {
                     }
                 },
             }
-            warn!(attempt, attempts, failure = %last_failure, "attempt failed");
+            attempt_span.in_scope(|| {
+                warn!(attempts, failure = %last_failure, "attempt failed");
+            });
             excluded.push(lease.address().to_owned());
             drop(lease);
             if attempt < attempts {

@@ -463,8 +463,8 @@ async fn a_clients_trace_runs_through_the_proxy_into_the_worker() {
     assert!(output.contains("traces=\"otlp\"") || output.contains("traces=otlp"), "{output}");
     let wait = Duration::from_secs(30);
 
-    // A proxy that exports traces: client span → the proxy's proxy_prove → the worker's prove,
-    // the client's tracestate carried along.
+    // A proxy that exports traces: client span → the proxy's proxy_prove → its proxy_attempt →
+    // the worker's prove, the client's tracestate carried along.
     let (trace, client_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
     let headers = [
         ("traceparent", format!("00-{trace}-{client_span}-01")),
@@ -476,13 +476,17 @@ async fn a_clients_trace_runs_through_the_proxy_into_the_worker() {
         .await;
     assert_eq!(proxy_span.service, "miden-prover-proxy");
     assert_eq!(proxy_span.parent_span_id, client_span, "the proxy continues the client's trace");
+    let attempt_span = collector
+        .wait_for("proxy_attempt span", wait, |s| s.name == "proxy_attempt" && s.trace_id == trace)
+        .await;
+    assert_eq!(attempt_span.parent_span_id, proxy_span.span_id);
     let worker_span = collector
         .wait_for("worker prove span", wait, |s| s.name == "prove" && s.trace_id == trace)
         .await;
     assert_eq!(worker_span.service, "miden-prover");
     assert_eq!(
-        worker_span.parent_span_id, proxy_span.span_id,
-        "the worker's span is a child of the proxy's"
+        worker_span.parent_span_id, attempt_span.span_id,
+        "the worker's span is a child of the proxy's attempt"
     );
     assert_eq!(
         (&*proxy_span.trace_state, &*worker_span.trace_state),
@@ -496,10 +500,16 @@ async fn a_clients_trace_runs_through_the_proxy_into_the_worker() {
             s.name == "proxy_prove" && s.parent_span_id.is_empty()
         })
         .await;
+    let attempt_span = collector
+        .wait_for("proxy_attempt span", wait, |s| {
+            s.name == "proxy_attempt" && s.trace_id == root.trace_id
+        })
+        .await;
+    assert_eq!(attempt_span.parent_span_id, root.span_id);
     let worker_span = collector
         .wait_for("worker prove span", wait, |s| s.name == "prove" && s.trace_id == root.trace_id)
         .await;
-    assert_eq!(worker_span.parent_span_id, root.span_id);
+    assert_eq!(worker_span.parent_span_id, attempt_span.span_id);
 
     // A proxy that does not export: it passes the client's context on, so the worker's span
     // still joins the client's trace, one level up.
