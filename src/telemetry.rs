@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::os::fd::AsFd;
 
-use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -148,25 +147,6 @@ fn stderr_is_journal() -> bool {
     expected == format!("{}:{}", meta.dev(), meta.ino())
 }
 
-/// Reads W3C trace context (`traceparent`, `tracestate`) from gRPC request metadata.
-pub struct MetadataExtractor<'a>(pub &'a tonic::metadata::MetadataMap);
-
-impl Extractor for MetadataExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|value| value.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0
-            .keys()
-            .filter_map(|key| match key {
-                tonic::metadata::KeyRef::Ascii(key) => Some(key.as_str()),
-                tonic::metadata::KeyRef::Binary(_) => None,
-            })
-            .collect()
-    }
-}
-
 /// Makes `span` a child of a trace context given as W3C header values (the proxy reads them
 /// from the client's HTTP/2 headers), when traces are exported.
 pub fn continue_trace_from(
@@ -204,14 +184,9 @@ pub fn trace_headers(span: &tracing::Span) -> HashMap<String, String> {
     headers
 }
 
-/// Makes `span` a child of the trace context the caller sent, when traces are exported.
+/// Makes `span` a child of the trace context the caller sent in its gRPC metadata, when traces
+/// are exported.
 pub fn continue_trace(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) {
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-
-    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.extract(&MetadataExtractor(metadata))
-    });
-    // Fails only when the span is disabled or has no OpenTelemetry layer: then there is nothing
-    // to continue.
-    let _ = span.set_parent(parent);
+    let header = |key: &str| metadata.get(key).and_then(|value| value.to_str().ok());
+    continue_trace_from(span, header("traceparent"), header("tracestate"));
 }
