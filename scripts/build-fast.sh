@@ -37,6 +37,12 @@ if [ ! -f "$vendor/.vendored-$(sha256sum Cargo.lock | cut -c1-16)" ]; then
     cargo vendor --locked --offline --versioned-dirs "$vendor" >/dev/null
     touch "$vendor/.vendored-$(sha256sum Cargo.lock | cut -c1-16)"
 fi
+# miden-stdlib's build script asks to be rerun when `../assembly/src` changes, a path inside the
+# Miden monorepo it comes from. Cargo does not track that for crates.io crates, but does for a
+# vendored directory, where the path is missing and so counts as changed: every build would
+# rebuild miden-stdlib and all above it. An empty directory there (cargo skips directories
+# without a Cargo.toml) keeps a finished build finished.
+mkdir -p "$vendor/assembly/src"
 
 target=$vendor/$crate/$file
 if [ ! -f "$target" ]; then
