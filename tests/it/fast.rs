@@ -105,6 +105,18 @@ fn on_a_cpu_without_avx2_the_fast_build_refuses_to_start_naming_what_is_missing(
             "{stderr}"
         );
     }
+    // A CPU that reports AVX2 but whose OS has not enabled the AVX register state (no OSXSAVE:
+    // qemu's "max" model without XSAVE, as under a kernel booted with `noxsave`) would SIGILL
+    // on the first AVX instruction; the check names the state instead.
+    let output = Command::new("qemu-x86_64")
+        .args(["-cpu", "max,-xsave"])
+        .arg(&fast)
+        .arg("--version")
+        .output()
+        .expect("run qemu-x86_64");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("avx2 (disabled by the OS)"), "{stderr}");
     // The same binary on a CPU with the features starts normally: under qemu's "max" model (AVX2,
     // no AVX-512) for the x86-64-v3 build, directly for another (this machine runs it).
     let mut command = if build == "x86-64-v3" {
