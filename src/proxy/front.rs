@@ -195,8 +195,9 @@ impl Connection {
                 let answer = if let Some(closed) = session.watch_h2_stream_close() {
                     tokio::select! {
                         answer = prove => answer,
-                        // The client reset the stream: dropping `prove` leaves the queue or
-                        // releases the lease; nobody is left to answer.
+                        // The client reset the stream: dropping `prove` leaves the queue, or
+                        // holds a proving worker's lease until it is idle; nobody is left to
+                        // answer.
                         _ = closed => return false,
                     }
                 } else {

@@ -280,8 +280,10 @@ impl Proxy {
                 Some(own) => (Some(own.clone()), exported.get("tracestate").cloned()),
                 None => (meta.traceparent.clone(), meta.tracestate.clone()),
             };
+            // No `grpc-timeout` header: the worker cannot stop a proof midway, and tonic answers
+            // an expired one with CANCELLED, which reads as a worker gone. The proxy keeps the
+            // time itself.
             let mut call = tonic::Request::new(message.clone());
-            call.set_timeout(live.timeout);
             for (key, value) in [
                 ("traceparent", &traceparent),
                 ("tracestate", &tracestate),
@@ -291,8 +293,15 @@ impl Proxy {
                     call.metadata_mut().insert(key, value);
                 }
             }
-            let answer =
-                forward::prove(lease.channel(), call).instrument(attempt_span.clone()).await;
+            let channel = lease.channel();
+            let in_flight = InFlight(Some(lease));
+            let answer = tokio::time::timeout(
+                live.timeout,
+                forward::prove(channel, call).instrument(attempt_span.clone()),
+            )
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("the proxy's timeout")));
+            let lease = in_flight.landed();
             match answer {
                 Ok(proof) => return Ok(proof.into_inner()),
                 Err(status) => match classify(&status) {
@@ -308,9 +317,10 @@ impl Proxy {
                     Failure::TimedOut => {
                         // The worker is still proving: keep it leased until it says it is idle,
                         // so no other request is sent to a busy worker.
-                        hold_until_idle(lease, live.timeout);
+                        hold_until_idle(lease);
                         return Err(Status::deadline_exceeded(format!(
-                            "the worker did not answer within {:?} (timeout)",
+                            "the worker did not answer within {:?} (the proxy's `timeout`; \
+                             raise it if proofs take longer)",
                             live.timeout
                         )));
                     }
@@ -408,18 +418,46 @@ fn classify(status: &Status) -> Failure {
     }
 }
 
-/// Keeps a timed-out worker leased until its `WorkerStatus` says it is idle (checked once a
-/// second, for at most `limit`), so the proxy never sends a second proof to a busy worker.
-fn hold_until_idle(lease: pool::Lease, limit: Duration) {
-    tokio::spawn(async move {
-        let started = Instant::now();
+/// The lease of a worker that has the request. A worker cannot stop a proof midway, so when the
+/// attempt is dropped before the answer (the client went away), the worker goes on proving: the
+/// lease is then held until the worker is idle, not released to the next request at once.
+struct InFlight(Option<pool::Lease>);
+
+impl InFlight {
+    /// The answer (or the proxy's timeout) came: the caller decides what becomes of the lease.
+    fn landed(mut self) -> pool::Lease {
+        self.0.take().expect("an InFlight holds its lease until it lands")
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(lease) = self.0.take() {
+            info!(
+                worker = lease.address(),
+                "the client went away mid-proof; the worker stays leased until it is idle"
+            );
+            hold_until_idle(lease);
+        }
+    }
+}
+
+/// Keeps a worker that may still be proving leased until its `WorkerStatus` says it is idle
+/// (checked ten times a second; however long the proof takes, as the worker would refuse anything
+/// else meanwhile) or stops answering (the health checks take it from there), so the proxy
+/// never sends a second proof to a busy worker.
+fn hold_until_idle(lease: pool::Lease) {
+    // Without a runtime (the proxy is shutting down) there is nobody left to send to it.
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    runtime.spawn(async move {
         let mut status =
             crate::proto::worker_status_api_client::WorkerStatusApiClient::new(lease.channel());
-        while started.elapsed() < limit {
-            match status.status(()).await {
-                Ok(answer) if !answer.get_ref().busy => break,
-                Err(_) => break,
-                Ok(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), status.status(())).await {
+                Ok(Ok(answer)) if answer.get_ref().busy => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                _ => break,
             }
         }
         drop(lease);

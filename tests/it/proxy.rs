@@ -182,6 +182,62 @@ async fn a_full_queue_refuses_at_once_and_a_cancelled_request_frees_its_slot() {
     assert_eq!(worker.worker_status().await.requests_served, 2, "the cancelled one never ran");
 }
 
+/// Waits until the worker's `WorkerStatus` says `busy`.
+async fn wait_busy(worker: &Daemon, busy: bool) {
+    let deadline = Instant::now() + PROOF_TIMEOUT;
+    while worker.worker_status().await.busy != busy {
+        assert!(Instant::now() < deadline, "the worker's busy never became {busy}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A worker cannot stop a proof midway: after the proxy's timeout, and after a client that gives
+/// up mid-proof, it goes on proving. The proxy keeps it leased (and healthy) until it is idle,
+/// so the next request waits for it instead of being sent to a busy worker and failed as such.
+#[tokio::test]
+async fn a_worker_still_proving_after_a_timeout_or_a_cancel_gets_no_other_request_meanwhile() {
+    let sample = sample_transactions(1).await.expect("sample transactions");
+    let worker = Launch::worker("transaction").start().await;
+    // The next request: a payload the worker refuses at once, so its answer tells whether the
+    // worker took it (INVALID_ARGUMENT) or was busy (the proxy's UNAVAILABLE after retries).
+    let garbage =
+        ProofRequest { proof_type: ProofType::Transaction.into(), payload: vec![1, 2, 3] };
+
+    // The proxy's own timeout, far shorter than a proof.
+    let mut launch = Launch::proxy("transaction", &[&worker]);
+    launch.command.env("MPS_TIMEOUT", "1s");
+    let mut short = launch.start_proxy().await;
+    short.wait_healthy(1, 1).await;
+    let err =
+        api(&short.daemon).await.prove(tx_request(&sample.inputs[0])).await.expect_err("late");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(err.message().contains("did not answer within 1s"), "{err:?}");
+    assert!(worker.worker_status().await.busy, "the worker goes on proving");
+    let entry = worker_entry(&short.status_json().await, &worker.addr.to_string()).clone();
+    assert_eq!(entry["status"], "Healthy", "a slow proof is no failure: {entry}");
+    assert_eq!(entry["busy"], true, "leased while it proves: {entry}");
+    let next = api(&short.daemon).await.prove(garbage.clone()).await.expect_err("garbage");
+    assert_eq!(next.code(), Code::InvalidArgument, "taken by the worker once idle: {next:?}");
+    drop(short);
+
+    // A client that gives up mid-proof.
+    wait_busy(&worker, false).await;
+    let mut proxy = Launch::proxy("transaction", &[&worker]).start_proxy().await;
+    proxy.wait_healthy(1, 1).await;
+    let abandoned = spawn_prove(&proxy.daemon, &sample.inputs[0]).await;
+    wait_busy(&worker, true).await;
+    abandoned.abort();
+    proxy.daemon.wait_for_output("the client went away mid-proof", START_TIMEOUT).await;
+    assert!(worker.worker_status().await.busy, "the worker goes on proving");
+    let next = api(&proxy.daemon).await.prove(garbage).await.expect_err("garbage");
+    assert_eq!(next.code(), Code::InvalidArgument, "taken by the worker once idle: {next:?}");
+    assert!(
+        !proxy.daemon.output().contains("is busy"),
+        "no request was sent to the busy worker:\n{}",
+        proxy.daemon.output()
+    );
+}
+
 #[tokio::test]
 async fn no_workers_is_unavailable_at_once_and_the_rate_limit_is_per_client_ip() {
     let mut launch = Launch::proxy("transaction", &[]);
