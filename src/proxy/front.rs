@@ -118,7 +118,12 @@ impl HttpServerApp for Connection {
             }
             Role::Metrics => {
                 self.front.proxy.update_gauges();
-                let text = self.front.proxy.metrics.render();
+                let proxy = &self.front.proxy;
+                let mut text = proxy.metrics.render();
+                // Upstream's names as well, for the dashboards built on them.
+                if session.req_header().uri.query() == Some("names=upstream") {
+                    text.push_str(&proxy.metrics.render_upstream(&proxy.pool().snapshot()));
+                }
                 plain(&mut session, "/metrics", "text/plain; version=0.0.4", text).await
             }
         };

@@ -3,10 +3,16 @@
 //! another, so its endpoint was always empty). Names follow Prometheus conventions; the README
 //! maps upstream's names onto them.
 
+use std::fmt::Write as _;
+
+use prometheus::core::Collector;
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
 };
+
+use super::pool::WorkerSnapshot;
 
 /// Latency buckets from 5 ms to 10 minutes: batches and blocks take milliseconds, a transaction
 /// proof seconds to minutes.
@@ -130,6 +136,105 @@ impl Metrics {
         m
     }
 
+    /// Upstream's metric families (miden-remote-prover 0.12), derived from this proxy's, for the
+    /// dashboards built on them: `GET /metrics?names=upstream` serves them after the metrics
+    /// above. Same names, types and labels (`worker_id`); the histograms have this proxy's
+    /// buckets, which reach 10 minutes. Not promtool-clean: upstream's counters lack `_total`.
+    pub fn render_upstream(&self, workers: &[WorkerSnapshot]) -> String {
+        let mut out = String::new();
+        let (requests, failures) =
+            self.requests.collect().iter().flat_map(MetricFamily::get_metric).fold(
+                (0.0, 0.0),
+                |(all, failed), m| {
+                    let value = m.get_counter().get_value();
+                    let ok = m.get_label().iter().any(|l| l.name() == "code" && l.value() == "ok");
+                    (all + value, if ok { failed } else { failed + value })
+                },
+            );
+
+        sample(
+            &mut out,
+            "gauge",
+            "queue_size",
+            "Number of requests in the queue",
+            self.queue_size.get(),
+        );
+        histogram(
+            &mut out,
+            "queue_latency",
+            "Time (in seconds) requests spend in the queue",
+            &self.queue_wait.collect(),
+        );
+        sample(
+            &mut out,
+            "counter",
+            "queue_drop_count",
+            "Number of requests dropped due to a full queue",
+            self.queue_drops.get(),
+        );
+        sample(&mut out, "gauge", "worker_count", "Total number of workers", self.workers.get());
+        family(
+            &mut out,
+            "worker_unhealthy",
+            "Number of times that each worker was registered as unhealthy",
+            "counter",
+        );
+        for worker in workers {
+            let _ = writeln!(
+                out,
+                "worker_unhealthy{{worker_id=\"{}\"}} {}",
+                escape(&worker.address),
+                worker.times_unhealthy
+            );
+        }
+        sample(&mut out, "gauge", "worker_busy", "Number of busy workers", self.workers_busy.get());
+        family(
+            &mut out,
+            "worker_request_count",
+            "Number of requests processed by each worker",
+            "counter",
+        );
+        for m in self.worker_requests.collect().iter().flat_map(MetricFamily::get_metric) {
+            let worker = m.get_label().iter().find(|l| l.name() == "worker");
+            let _ = writeln!(
+                out,
+                "worker_request_count{{worker_id=\"{}\"}} {}",
+                escape(worker.map_or("", |l| l.value())),
+                m.get_counter().get_value()
+            );
+        }
+        sample(&mut out, "counter", "request_failure_count", "Number of failed requests", failures);
+        sample(
+            &mut out,
+            "counter",
+            "request_retries",
+            "Number of request retries",
+            self.retries.get(),
+        );
+        sample(&mut out, "counter", "request_count", "Number of requests processed", requests);
+        histogram(
+            &mut out,
+            "request_latency",
+            "Time (in seconds) requests take to process",
+            &self.request_duration.collect(),
+        );
+        sample(
+            &mut out,
+            "counter",
+            "rate_limited_requests",
+            "Number of requests blocked due to rate limiting",
+            self.rate_limited.get(),
+        );
+        sample(
+            &mut out,
+            "counter",
+            "rate_limit_violations",
+            "Number of rate limit violations by clients",
+            self.rate_limited.get(),
+        );
+        out
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
@@ -144,4 +249,41 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A family of one unlabelled sample.
+fn sample(out: &mut String, kind: &str, name: &str, help: &str, value: impl std::fmt::Display) {
+    family(out, name, help, kind);
+    let _ = writeln!(out, "{name} {value}");
+}
+
+fn family(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// One histogram, the sum of every series of `families` (all have the same buckets).
+fn histogram(out: &mut String, name: &str, help: &str, families: &[MetricFamily]) {
+    let mut buckets: Vec<(f64, u64)> = BUCKETS.iter().map(|&bound| (bound, 0)).collect();
+    let (mut count, mut sum) = (0, 0.0);
+    for m in families.iter().flat_map(MetricFamily::get_metric) {
+        let h = m.get_histogram();
+        for (total, bucket) in buckets.iter_mut().zip(h.get_bucket()) {
+            total.1 += bucket.cumulative_count();
+        }
+        count += h.get_sample_count();
+        sum += h.get_sample_sum();
+    }
+    family(out, name, help, "histogram");
+    for (bound, cumulative) in buckets {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+    }
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
+    );
+}
+
+/// A label value in the text format.
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }

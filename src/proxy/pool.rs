@@ -52,6 +52,8 @@ pub struct WorkerSnapshot {
     pub busy: bool,
     /// Requests this proxy finished on it.
     pub served: u64,
+    /// How often it turned unhealthy (for upstream's `worker_unhealthy` counter).
+    pub times_unhealthy: u64,
     /// Configuration or run time.
     pub origin: Origin,
 }
@@ -82,6 +84,7 @@ struct WorkerEntry {
     health: Health,
     busy: bool,
     served: u64,
+    times_unhealthy: u64,
     origin: Origin,
     /// Removed while busy: dropped from the list when its lease is released.
     removed: bool,
@@ -92,6 +95,15 @@ struct WorkerEntry {
 impl WorkerEntry {
     fn usable(&self) -> bool {
         self.health == Health::Healthy && !self.busy && !self.removed
+    }
+
+    fn set_health(&mut self, health: Health) {
+        if matches!(health, Health::Unhealthy { .. })
+            && !matches!(self.health, Health::Unhealthy { .. })
+        {
+            self.times_unhealthy += 1;
+        }
+        self.health = health;
     }
 }
 
@@ -240,6 +252,7 @@ impl WorkerPool {
             health: Health::Unknown,
             busy: false,
             served: 0,
+            times_unhealthy: 0,
             origin,
             removed: false,
             next_check: Instant::now(),
@@ -377,7 +390,7 @@ impl WorkerPool {
         let mut state = self.lock();
         if let Some(worker) = state.workers.iter_mut().find(|w| w.address == address && !w.removed)
         {
-            worker.health = health;
+            worker.set_health(health);
             if let Some(version) = version {
                 worker.version = version;
             }
@@ -397,7 +410,7 @@ impl WorkerPool {
             if let Health::Unhealthy { failed_attempts, .. } = worker.health {
                 failed = failed_attempts + 1;
             }
-            worker.health = Health::Unhealthy { failed_attempts: failed, reason };
+            worker.set_health(Health::Unhealthy { failed_attempts: failed, reason });
             worker.next_check = Instant::now();
         }
         drop(state);
@@ -434,6 +447,7 @@ impl WorkerPool {
                 health: w.health.clone(),
                 busy: w.busy,
                 served: w.served,
+                times_unhealthy: w.times_unhealthy,
                 origin: w.origin,
             })
             .collect()

@@ -316,12 +316,54 @@ async fn a_batch_worker_in_a_transaction_proxy_is_unhealthy_unused_and_metrics_a
         "{scrape}"
     );
     assert!(scrape.contains("mps_proxy_workers_unhealthy 1"), "{scrape}");
+    assert!(!scrape.contains("request_count"), "upstream's names only when asked: {scrape}");
     promtool_check(&scrape);
+
+    // Upstream's names, for the dashboards built on them: the same figures.
+    let (code, both) = crate::support::http_get(proxy.metrics, "/metrics?names=upstream").await;
+    assert_eq!(code, 200);
+    let upstream =
+        both.strip_prefix(scrape.as_str()).unwrap_or_else(|| panic!("ours first: {both}"));
+    for line in [
+        "queue_size 0".to_owned(),
+        "queue_latency_count 1".to_owned(),
+        "queue_drop_count 0".to_owned(),
+        "worker_count 2".to_owned(),
+        format!(r#"worker_unhealthy{{worker_id="{}"}} 1"#, batch_worker.addr),
+        format!(r#"worker_unhealthy{{worker_id="{}"}} 0"#, tx_worker.addr),
+        "worker_busy 0".to_owned(),
+        format!(r#"worker_request_count{{worker_id="{}"}} 1"#, tx_worker.addr),
+        "request_failure_count 0".to_owned(),
+        "request_retries 0".to_owned(),
+        "request_count 1".to_owned(),
+        "request_latency_count 1".to_owned(),
+        r#"request_latency_bucket{le="600"} 1"#.to_owned(),
+        "rate_limited_requests 0".to_owned(),
+        "rate_limit_violations 0".to_owned(),
+    ] {
+        assert!(upstream.lines().any(|l| l == line), "no `{line}` in:\n{upstream}");
+    }
+    // Valid exposition; promtool's only objections are to upstream's own counter names.
+    for problem in promtool(&both).lines().filter(|l| !l.is_empty()) {
+        assert!(
+            problem.ends_with(r#"counter metrics should have "_total" suffix"#)
+                || problem.ends_with(
+                    r#"non-histogram and non-summary metrics should not have "_count" suffix"#
+                ),
+            "promtool: {problem}"
+        );
+    }
 }
 
 /// Runs `promtool check metrics` (from Debian's prometheus package; `.ci/run` unpacks it and
 /// sets `PROMTOOL`) on a scrape.
 fn promtool_check(scrape: &str) {
+    let problems = promtool(scrape);
+    assert!(problems.is_empty(), "promtool: {problems}");
+}
+
+/// What `promtool check metrics` says of a scrape (nothing when it is clean).
+fn promtool(scrape: &str) -> String {
     use std::io::Write;
 
     let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".to_owned());
@@ -336,12 +378,13 @@ fn promtool_check(scrape: &str) {
         });
     child.stdin.take().expect("stdin").write_all(scrape.as_bytes()).expect("feed promtool");
     let output = child.wait_with_output().expect("promtool result");
-    assert!(
-        output.status.success(),
-        "promtool: {}{}",
+    let said = format!(
+        "{}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    assert_eq!(output.status.success(), said.is_empty(), "promtool: {said}");
+    said
 }
 
 #[tokio::test]
