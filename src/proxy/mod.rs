@@ -467,9 +467,9 @@ fn hold_until_idle(lease: pool::Lease) {
 fn acquire_status(err: &AcquireError) -> Status {
     match err {
         AcquireError::QueueFull => Status::resource_exhausted(err.to_string()),
-        AcquireError::NoWorkers | AcquireError::ShuttingDown => {
-            Status::unavailable(err.to_string())
-        }
+        AcquireError::NoWorkers
+        | AcquireError::NoHealthyWorkers(_)
+        | AcquireError::ShuttingDown => Status::unavailable(err.to_string()),
     }
 }
 

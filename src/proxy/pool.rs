@@ -66,6 +66,12 @@ pub enum AcquireError {
         "the proxy has no workers; add one to `workers` in proxy.toml or with `minedctl add-worker`"
     )]
     NoWorkers,
+    /// Every worker failed its last health check (none is healthy, unchecked or being
+    /// re-checked): waiting would only hold the client until its deadline. Names each failure.
+    #[error(
+        "no healthy worker: {0}; check the workers (`minedctl workers`, the proxy's status port)"
+    )]
+    NoHealthyWorkers(String),
     /// The queue is at `max_queue_items`.
     #[error("Too many requests in the queue")]
     QueueFull,
@@ -85,6 +91,8 @@ struct WorkerEntry {
     busy: bool,
     served: u64,
     times_unhealthy: u64,
+    /// Marked unhealthy by a failed request; its re-check has not answered yet.
+    recheck_pending: bool,
     origin: Origin,
     /// Removed while busy: dropped from the list when its lease is released.
     removed: bool,
@@ -253,6 +261,7 @@ impl WorkerPool {
             busy: false,
             served: 0,
             times_unhealthy: 0,
+            recheck_pending: false,
             origin,
             removed: false,
             next_check: Instant::now(),
@@ -301,6 +310,21 @@ impl WorkerPool {
             let mut state = self.lock();
             if state.workers.iter().all(|w| w.removed) {
                 return Err(AcquireError::NoWorkers);
+            }
+            // Every worker failed its last check (a worker that just failed a request is being
+            // re-checked: wait for that verdict).
+            let listed = state.workers.iter().filter(|w| !w.removed);
+            if listed
+                .clone()
+                .all(|w| matches!(w.health, Health::Unhealthy { .. }) && !w.recheck_pending)
+            {
+                let failures: Vec<String> = listed
+                    .map(|w| match &w.health {
+                        Health::Unhealthy { reason, .. } => format!("{} ({reason})", w.address),
+                        _ => w.address.clone(),
+                    })
+                    .collect();
+                return Err(AcquireError::NoHealthyWorkers(failures.join(", ")));
             }
             // A retry that has tried every worker may go back to one of them (once it is free)
             // rather than wait for a worker that does not exist.
@@ -391,6 +415,7 @@ impl WorkerPool {
         if let Some(worker) = state.workers.iter_mut().find(|w| w.address == address && !w.removed)
         {
             worker.set_health(health);
+            worker.recheck_pending = false;
             if let Some(version) = version {
                 worker.version = version;
             }
@@ -411,6 +436,7 @@ impl WorkerPool {
                 failed = failed_attempts + 1;
             }
             worker.set_health(Health::Unhealthy { failed_attempts: failed, reason });
+            worker.recheck_pending = true;
             worker.next_check = Instant::now();
         }
         drop(state);

@@ -274,6 +274,40 @@ async fn no_workers_is_unavailable_at_once_and_the_rate_limit_is_per_client_ip()
     }
 }
 
+/// Workers that all failed their health checks: a request is refused at once, naming each
+/// worker's failure, rather than queued until the client's deadline.
+#[tokio::test]
+async fn when_every_worker_is_unhealthy_a_request_is_refused_naming_why() {
+    // A port nothing listens on: bound, then closed.
+    let gone =
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    let batch_worker = Launch::worker("batch").start().await;
+    let proxy = Launch::proxy_for("transaction", &[gone, batch_worker.addr]).start_proxy().await;
+    let started = Instant::now();
+    loop {
+        let status = proxy.status_json().await;
+        let checked = |addr: std::net::SocketAddr| {
+            worker_entry(&status, &addr.to_string())["status"] != "Unknown"
+        };
+        if checked(gone) && checked(batch_worker.addr) {
+            break;
+        }
+        assert!(started.elapsed() < START_TIMEOUT, "still unchecked: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let garbage = ProofRequest { proof_type: ProofType::Transaction.into(), payload: vec![1, 2] };
+    let err = api(&proxy.daemon).await.prove(garbage).await.expect_err("no healthy worker");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let message = err.message();
+    assert!(message.starts_with("no healthy worker: "), "{message}");
+    assert!(message.contains(&format!("{gone} (")), "{message}");
+    assert!(
+        message.contains(&format!("{} (Unsupported prover type: Batch)", batch_worker.addr)),
+        "{message}"
+    );
+}
+
 #[tokio::test]
 async fn a_batch_worker_in_a_transaction_proxy_is_unhealthy_unused_and_metrics_are_clean() {
     let sample = sample_transactions(1).await.expect("sample transaction");
