@@ -84,7 +84,7 @@ pub struct Proxy {
 impl Proxy {
     /// A proxy for `settings.prover_type` with the configured workers (not yet checked).
     pub fn new(settings: &ProxySettings) -> Arc<Self> {
-        let pool = WorkerPool::new(settings.max_queue_items, settings.connection_timeout);
+        let pool = WorkerPool::new(settings.max_queue_items, channel_settings(settings));
         for address in &settings.workers {
             // Addresses were validated with the configuration.
             let _ = pool.add(address, Origin::Config);
@@ -118,7 +118,7 @@ impl Proxy {
     pub fn set_live(&self, settings: &ProxySettings) {
         *self.live.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
             LiveSettings::from(settings);
-        self.pool.set_limits(settings.max_queue_items, settings.connection_timeout);
+        self.pool.set_limits(settings.max_queue_items, channel_settings(settings));
     }
 
     /// Requests answered since start (any outcome).
@@ -395,6 +395,14 @@ impl Proxy {
             "queue": {"length": queued, "max": max_queue},
             "requests_served": self.served(),
         })
+    }
+}
+
+fn channel_settings(settings: &ProxySettings) -> pool::ChannelSettings {
+    pool::ChannelSettings {
+        connect_timeout: settings.connection_timeout,
+        keepalive_interval: settings.health_check_interval,
+        keepalive_timeout: settings.health_check_timeout,
     }
 }
 

@@ -139,10 +139,23 @@ struct State {
     in_flight: usize,
 }
 
+/// How the proxy's connections to its workers behave (for workers added from now on).
+#[derive(Clone, Copy, Debug)]
+pub struct ChannelSettings {
+    /// TCP connect timeout (`connection_timeout`).
+    pub connect_timeout: Duration,
+    /// HTTP/2 PING interval on each worker connection (`health_check_interval`), so that a
+    /// worker host that goes silent mid-proof (frozen, cable pulled) is noticed and the request
+    /// retried elsewhere rather than waited on until the proxy's `timeout`.
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered (`health_check_timeout`).
+    pub keepalive_timeout: Duration,
+}
+
 /// The pool of workers and the queue of requests waiting for one.
 pub struct WorkerPool {
     state: Mutex<State>,
-    connection_timeout: Mutex<Duration>,
+    channel_settings: Mutex<ChannelSettings>,
     /// Wakes the shutdown drain and the status reporter when something changed.
     changed: tokio::sync::watch::Sender<()>,
     /// Wakes the health loop: a worker was added or failed a request.
@@ -191,7 +204,7 @@ impl Drop for Admission {
 
 impl WorkerPool {
     /// An empty pool whose queue holds `max_queue` waiting requests.
-    pub fn new(max_queue: usize, connection_timeout: Duration) -> Arc<Self> {
+    pub fn new(max_queue: usize, channel_settings: ChannelSettings) -> Arc<Self> {
         Arc::new(WorkerPool {
             state: Mutex::new(State {
                 workers: Vec::new(),
@@ -202,7 +215,7 @@ impl WorkerPool {
                 closed: false,
                 in_flight: 0,
             }),
-            connection_timeout: Mutex::new(connection_timeout),
+            channel_settings: Mutex::new(channel_settings),
             changed: tokio::sync::watch::channel(()).0,
             check_now: tokio::sync::Notify::new(),
         })
@@ -232,11 +245,13 @@ impl WorkerPool {
     /// configured one). Does no network I/O: the channel connects on first use.
     pub fn add(&self, address: &str, origin: Origin) -> Result<bool, String> {
         crate::config::check_worker_address(address)?;
+        let settings =
+            *self.channel_settings.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|err| format!("`{address}`: {err}"))?
-            .connect_timeout(
-                *self.connection_timeout.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
-            )
+            .connect_timeout(settings.connect_timeout)
+            .http2_keep_alive_interval(settings.keepalive_interval)
+            .keep_alive_timeout(settings.keepalive_timeout)
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(16 << 20))
             .initial_connection_window_size(Some(16 << 20));
@@ -486,10 +501,10 @@ impl WorkerPool {
     }
 
     /// Changes the queue bound (reload); requests already queued stay.
-    pub fn set_limits(&self, max_queue: usize, connection_timeout: Duration) {
+    pub fn set_limits(&self, max_queue: usize, channel_settings: ChannelSettings) {
         self.lock().max_queue = max_queue;
-        *self.connection_timeout.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-            connection_timeout;
+        *self.channel_settings.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            channel_settings;
     }
 
     /// Stops admitting requests; queued and running ones go on.

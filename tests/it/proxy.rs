@@ -133,6 +133,38 @@ async fn a_worker_killed_mid_proof_is_retried_on_another_and_used_again_after_re
     assert_eq!(restarted.worker_status().await.requests_served, 1, "the restarted worker is used");
 }
 
+/// A worker host that goes silent mid-proof (here the worker process stopped with SIGSTOP: its
+/// connection stays open and nothing answers) is noticed by the connection's HTTP/2 PINGs, and
+/// the request is retried on another worker instead of waited on until the proxy's `timeout`
+/// (100 s here).
+#[tokio::test]
+async fn a_worker_frozen_mid_proof_is_noticed_and_the_request_retried_elsewhere() {
+    let sample = sample_transactions(1).await.expect("sample transactions");
+    let w1 = Launch::worker("transaction").start().await;
+    let w2 = Launch::worker("transaction").start().await;
+    let mut proxy = Launch::proxy("transaction", &[&w1, &w2]).start_proxy().await;
+    proxy.wait_healthy(2, 2).await;
+
+    let running = spawn_prove(&proxy.daemon, &sample.inputs[0]).await;
+    let started = Instant::now();
+    let (frozen, other) = loop {
+        if w1.worker_status().await.busy {
+            break (&w1, &w2);
+        }
+        if w2.worker_status().await.busy {
+            break (&w2, &w1);
+        }
+        assert!(started.elapsed() < START_TIMEOUT, "no worker took the request");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    frozen.signal(Signal::SIGSTOP);
+    let proof = running.await.expect("join");
+    frozen.signal(Signal::SIGCONT);
+    let proof = proof.expect("proved on the other worker");
+    verify(&proof.into_inner().payload);
+    assert_eq!(other.worker_status().await.requests_served, 1, "the other worker proved it");
+}
+
 #[tokio::test]
 async fn a_worker_kept_busy_by_a_direct_client_is_skipped_for_the_free_one() {
     let sample = sample_transactions(2).await.expect("sample transactions");
