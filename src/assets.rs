@@ -41,7 +41,8 @@ fn man_pages(command: clap::Command, dir: &Path) -> io::Result<Vec<PathBuf>> {
     let name = command.get_name().to_owned();
     let version = command.get_version().unwrap_or_default().to_owned();
     let mut pages = vec![(name.clone(), command.clone())];
-    for sub in command.get_subcommands().filter(|s| s.get_name() != "help") {
+    // Hidden subcommands (`prove-job`, the worker's prover process) are not for operators.
+    for sub in command.get_subcommands().filter(|s| s.get_name() != "help" && !s.is_hide_set()) {
         let page = format!("{name}-{}", sub.get_name());
         pages.push((page.clone(), sub.clone().name(page).version(version.clone())));
     }

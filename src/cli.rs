@@ -31,6 +31,23 @@ pub enum Command {
     AddWorkers(ControlArgs),
     /// Remove workers from a running proxy over its control socket (as `minedctl remove-worker`).
     RemoveWorkers(ControlArgs),
+    /// A worker's prover process: proves the one request on stdin (started by the worker only).
+    #[command(hide = true)]
+    ProveJob(ProveJobArgs),
+}
+
+/// `prove-job`: what the worker tells each prover process it starts.
+#[derive(Debug, Args)]
+pub struct ProveJobArgs {
+    /// The proof type to prove.
+    #[arg(long, value_name = "TYPE")]
+    pub prover_type: crate::ProofKind,
+    /// Address-space limit in bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub memory_limit: u64,
+    /// The worker's pid: the process exits at once if the worker is already gone.
+    #[arg(long, value_name = "PID")]
+    pub parent: u32,
 }
 
 /// `add-workers` / `remove-workers`: the seed's commands, now over the root-only control socket.

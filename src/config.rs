@@ -60,6 +60,18 @@ struct WorkerDefaults {
     grace_period: &'static str,
     /// `tracing` filter directives; `RUST_LOG` overrides it.
     log_filter: &'static str,
+    /// Address space of each prover process.
+    prover_memory_limit: &'static str,
+    /// Wall-clock limit of one proof.
+    max_proof_time: &'static str,
+    /// Largest `Prove` request.
+    max_request_size: &'static str,
+    /// Time for a request's body to arrive whole.
+    request_timeout: &'static str,
+    /// Time for a new connection's first byte.
+    handshake_timeout: &'static str,
+    /// Connections served at once.
+    max_connections: usize,
 }
 
 const WORKER_DEFAULTS: WorkerDefaults = WorkerDefaults {
@@ -69,7 +81,57 @@ const WORKER_DEFAULTS: WorkerDefaults = WorkerDefaults {
     grace_period: "60s",
     // miden-prover logs its execution-trace size at info; one line per request is ours.
     log_filter: "info,miden_prover=warn",
+    // A real transaction proof peaks at ≈ 1.4 GB resident and ≈ 2.5 GB of address space
+    // (threads' stacks and malloc arenas count too); 8 GiB leaves room for larger ones while a
+    // runaway input stops long before the machine's memory does.
+    prover_memory_limit: "8GiB",
+    // A transaction proof takes 4–23 s here, batches and blocks milliseconds. Below the proxy's
+    // 100 s per attempt, so behind a proxy the client learns which limit it hit.
+    max_proof_time: "90s",
+    // A transaction is ≈ 109 KB, a batch of 2 ≈ 170 KB, a block of one such batch ≈ 60 KB; a
+    // full block (hundreds of transactions) stays in the low megabytes.
+    max_request_size: "16MiB",
+    request_timeout: "30s",
+    handshake_timeout: "10s",
+    max_connections: 64,
 };
+
+/// The keys of the worker's file, in the order `worker.toml` lists them.
+const WORKER_KEYS: &[&str] = &[
+    "port",
+    "localhost",
+    "prover_type",
+    "grace_period",
+    "log_filter",
+    "prover_memory_limit",
+    "max_proof_time",
+    "max_request_size",
+    "request_timeout",
+    "handshake_timeout",
+    "max_connections",
+];
+
+/// Limits every prover process runs under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Address-space limit in bytes (`RLIMIT_AS`).
+    pub memory: u64,
+    /// Wall-clock limit of one proof, from the moment the worker hands over the payload.
+    pub max_proof_time: Duration,
+}
+
+/// The worker's transport limits (settings of the same names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    /// Largest `Prove` request accepted, in bytes.
+    pub max_request_size: usize,
+    /// How long a request's body may take to arrive whole.
+    pub request_timeout: Duration,
+    /// How long a new connection may take to send its first byte.
+    pub handshake_timeout: Duration,
+    /// Connections served at once, and connections waiting for their first byte.
+    pub max_connections: usize,
+}
 
 /// Validated worker settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,6 +146,10 @@ pub struct WorkerSettings {
     pub grace_period: Duration,
     /// Log filter directives (`RUST_LOG` syntax).
     pub log_filter: String,
+    /// Limits of every prover process (changed live by a reload, for the next proof).
+    pub limits: Limits,
+    /// Transport bounds (take effect on restart).
+    pub bounds: Bounds,
 }
 
 impl WorkerSettings {
@@ -104,6 +170,17 @@ impl WorkerSettings {
         }
         if self.prover_type != other.prover_type {
             changed.push("prover_type");
+        }
+        let (a, b) = (&self.bounds, &other.bounds);
+        for (name, differs) in [
+            ("max_request_size", a.max_request_size != b.max_request_size),
+            ("request_timeout", a.request_timeout != b.request_timeout),
+            ("handshake_timeout", a.handshake_timeout != b.handshake_timeout),
+            ("max_connections", a.max_connections != b.max_connections),
+        ] {
+            if differs {
+                changed.push(name);
+            }
         }
         changed
     }
@@ -142,13 +219,34 @@ impl WorkerConfigSource {
             FlagProvider(&self.flags),
         );
         let mut check = Check::new(&figment, &self.file, "MPS_WORKER_")?;
-        check.unknown_keys(&["port", "localhost", "prover_type", "grace_period", "log_filter"]);
+        check.unknown_keys(WORKER_KEYS);
         let port = check.get::<u16>("port");
         let localhost = check.get::<bool>("localhost");
         let prover_type = check.parse("prover_type", |s: String| s.parse::<ProofKind>());
         let grace_period = check.duration("grace_period");
         let log_filter = check.log_filter("log_filter");
+        // At least what a transaction proof needs, so a typo ("8MiB") is an error, not a worker
+        // whose every proof fails.
+        let memory = check.size("prover_memory_limit", 1 << 30, u64::MAX);
+        let max_proof_time = check.positive_duration("max_proof_time");
+        let max_request_size =
+            check.size("max_request_size", 1 << 10, crate::proto::MAX_MESSAGE_SIZE as u64);
+        let request_timeout = check.positive_duration("request_timeout");
+        let handshake_timeout = check.positive_duration("handshake_timeout");
+        let max_connections = check.positive::<usize>("max_connections");
         check.finish()?;
+        let limits = Limits {
+            memory: memory.unwrap_or_default(),
+            max_proof_time: max_proof_time.unwrap_or_default(),
+        };
+        let bounds = Bounds {
+            max_request_size: max_request_size
+                .and_then(|size| usize::try_from(size).ok())
+                .unwrap_or_default(),
+            request_timeout: request_timeout.unwrap_or_default(),
+            handshake_timeout: handshake_timeout.unwrap_or_default(),
+            max_connections: max_connections.unwrap_or_default(),
+        };
         match (port, localhost, prover_type, grace_period, log_filter) {
             (
                 Some(port),
@@ -156,7 +254,15 @@ impl WorkerConfigSource {
                 Some(prover_type),
                 Some(grace_period),
                 Some(log_filter),
-            ) => Ok(WorkerSettings { port, localhost, prover_type, grace_period, log_filter }),
+            ) => Ok(WorkerSettings {
+                port,
+                localhost,
+                prover_type,
+                grace_period,
+                log_filter,
+                limits,
+                bounds,
+            }),
             _ => unreachable!("Check::finish fails when any key failed"),
         }
     }
@@ -392,6 +498,29 @@ pub fn check_worker_address(address: &str) -> Result<(), String> {
 // SHARED MACHINERY
 // ================================================================================================
 
+/// Parses "16MiB", "8GiB", "512KiB", "1024B" or "1024" (binary units; `K`, `M`, `G` alone mean
+/// the same, since memory is counted in them).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" | "k" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        "T" | "TiB" => 40,
+        other => {
+            return Err(format!(
+                "`{text}`: unknown unit `{other}`; write a size such as \"16MiB\" or \"8GiB\""
+            ));
+        }
+    };
+    let number: u64 =
+        digits.parse().map_err(|_| format!("`{text}` is not a size such as \"16MiB\""))?;
+    number.checked_mul(1 << shift).ok_or_else(|| format!("`{text}` is too large"))
+}
+
 /// A configuration file path and whether the operator named it (`--config`).
 #[derive(Clone, Debug)]
 pub struct ConfigFile {
@@ -518,6 +647,55 @@ impl<'a> Check<'a> {
             humantime::parse_duration(&s)
                 .map_err(|err| format!("`{s}` is not a duration like \"100s\" or \"20ms\": {err}"))
         })
+    }
+
+    /// A duration above zero.
+    fn positive_duration(&mut self, key: &str) -> Option<Duration> {
+        let value = self.duration(key)?;
+        if value.is_zero() {
+            let origin = self.origin(key);
+            self.problems.push(format!("{origin}: must be longer than 0s"));
+            return None;
+        }
+        Some(value)
+    }
+
+    /// A whole number above zero.
+    fn positive<T: DeserializeOwned + Default + PartialEq>(&mut self, key: &str) -> Option<T> {
+        let value = self.get::<T>(key)?;
+        if value == T::default() {
+            let origin = self.origin(key);
+            self.problems.push(format!("{origin}: must be at least 1"));
+            return None;
+        }
+        Some(value)
+    }
+
+    /// A size in bytes, written "16MiB", "8GiB", "512KiB" or as a plain number of bytes, from
+    /// `min` to `max`.
+    fn size(&mut self, key: &str, min: u64, max: u64) -> Option<u64> {
+        let raw = match self.get::<figment::value::Value>(key)? {
+            figment::value::Value::Num(_, num) => num.to_u128_lossy().map(|n| n.to_string()),
+            value => value.into_string(),
+        };
+        let origin = self.origin(key);
+        let parsed = raw.as_deref().map_or_else(
+            || Err("expected a size such as \"16MiB\" or a number of bytes".to_owned()),
+            parse_size,
+        );
+        match parsed {
+            Ok(size) if (min..=max).contains(&size) => Some(size),
+            Ok(size) => {
+                self.problems.push(format!(
+                    "{origin}: {size} bytes is outside the accepted range, {min} to {max} bytes"
+                ));
+                None
+            }
+            Err(err) => {
+                self.problems.push(format!("{origin}: {err}"));
+                None
+            }
+        }
     }
 
     /// A key whose default is "unset": `None` when the key failed, `Some(None)` when unset.
@@ -732,6 +910,68 @@ mod tests {
             let settings = proxy_source().load().expect("valid");
             assert_eq!(settings.control_socket.as_deref(), Some(Path::new("/tmp/x/control.sock")));
             assert_eq!(settings.workers, ["10.0.0.7:50051", "prover.internal:50052"]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn sizes_parse_in_binary_units() {
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("8GiB"), Ok(8 << 30));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert!(parse_size("8GB").expect_err("unit").contains("unknown unit `GB`"));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999999T").expect_err("overflow").contains("too large"));
+    }
+
+    #[test]
+    fn hostile_input_bounds_have_defaults_and_are_checked() {
+        Jail::expect_with(|jail| {
+            let settings = source(WorkerFlags::default()).load().expect("defaults are valid");
+            assert_eq!(settings.limits.memory, 8 << 30);
+            assert_eq!(settings.limits.max_proof_time, Duration::from_secs(90));
+            assert_eq!(settings.bounds.max_request_size, 16 << 20);
+            assert_eq!(settings.bounds.request_timeout, Duration::from_secs(30));
+            assert_eq!(settings.bounds.handshake_timeout, Duration::from_secs(10));
+            assert_eq!(settings.bounds.max_connections, 64);
+            jail.create_file(
+                "worker.toml",
+                "prover_memory_limit = \"8MiB\"\nmax_proof_time = \"0s\"\n\
+                 max_request_size = \"1GiB\"\nmax_connections = 0\n",
+            )?;
+            let err = source(WorkerFlags::default()).load().expect_err("four problems");
+            let text = err.to_string();
+            assert!(text.contains("4 problems"), "{text}");
+            assert!(text.contains("key `prover_memory_limit`: 8388608 bytes is outside"), "{text}");
+            assert!(text.contains("key `max_proof_time`: must be longer than 0s"), "{text}");
+            assert!(text.contains("key `max_request_size`"), "{text}");
+            assert!(text.contains("key `max_connections`: must be at least 1"), "{text}");
+            jail.create_file("worker.toml", "max_request_size = 65536\n")?;
+            jail.set_env("MPS_WORKER_PROVER_MEMORY_LIMIT", "3GiB");
+            let settings = source(WorkerFlags::default()).load().expect("valid");
+            assert_eq!(settings.bounds.max_request_size, 65536);
+            assert_eq!(settings.limits.memory, 3 << 30);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_shipped_worker_file_is_valid_and_shows_every_key() {
+        let shipped = include_str!("../etc/worker.toml");
+        for key in WORKER_KEYS {
+            assert!(
+                shipped
+                    .lines()
+                    .any(|line| line.trim_start_matches('#').starts_with(&format!("{key} = "))),
+                "etc/worker.toml does not show `{key}`"
+            );
+        }
+        Jail::expect_with(|jail| {
+            jail.create_file("worker.toml", shipped)?;
+            let settings =
+                source(WorkerFlags::default()).load().expect("the shipped file is valid");
+            assert!(settings.localhost, "the packaged worker listens on loopback");
             Ok(())
         });
     }

@@ -17,6 +17,9 @@ fn main() -> ExitCode {
         Command::RemoveWorkers(args) => {
             control(args, |workers| CtlCommand::RemoveWorker { workers })
         }
+        Command::ProveJob(args) => {
+            worker::job::child_main(args.prover_type, args.memory_limit, args.parent)
+        }
     }
 }
 

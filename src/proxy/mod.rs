@@ -31,6 +31,7 @@ use crate::ProofKind;
 use crate::config::ProxySettings;
 use crate::proto::{self, ProofType};
 use crate::telemetry;
+use crate::worker::BUSY_MESSAGE;
 
 /// Settings a reload may change while requests run.
 #[derive(Clone, Debug)]
@@ -280,9 +281,9 @@ impl Proxy {
                 Some(own) => (Some(own.clone()), exported.get("tracestate").cloned()),
                 None => (meta.traceparent.clone(), meta.tracestate.clone()),
             };
-            // No `grpc-timeout` header: the worker cannot stop a proof midway, and tonic answers
-            // an expired one with CANCELLED, which reads as a worker gone. The proxy keeps the
-            // time itself.
+            // No `grpc-timeout` header: tonic answers an expired one with CANCELLED, which reads
+            // as a worker gone. The proxy keeps the time itself, and an attempt it gives up is
+            // dropped, which makes the worker kill that proof's prover process.
             let mut call = tonic::Request::new(message.clone());
             for (key, value) in [
                 ("traceparent", &traceparent),
@@ -299,32 +300,33 @@ impl Proxy {
                 live.timeout,
                 forward::prove(channel, call).instrument(attempt_span.clone()),
             )
-            .await
-            .unwrap_or_else(|_| Err(Status::deadline_exceeded("the proxy's timeout")));
+            .await;
             let lease = in_flight.landed();
-            match answer {
-                Ok(proof) => return Ok(proof.into_inner()),
-                Err(status) => match classify(&status) {
-                    Failure::PassThrough => return Err(status),
-                    Failure::Busy => {
-                        last_failure = format!("worker {} is busy", lease.address());
-                    }
-                    Failure::WorkerDown => {
-                        last_failure =
-                            format!("worker {} failed: {}", lease.address(), status.message());
-                        self.pool.mark_failed(lease.address(), status.message().to_owned());
-                    }
-                    Failure::TimedOut => {
-                        // The worker is still proving: keep it leased until it says it is idle,
-                        // so no other request is sent to a busy worker.
-                        hold_until_idle(lease);
-                        return Err(Status::deadline_exceeded(format!(
-                            "the worker did not answer within {:?} (the proxy's `timeout`; \
+            let (failure, status) = match answer {
+                Ok(Ok(proof)) => return Ok(proof.into_inner()),
+                Ok(Err(status)) => (classify(&status), status),
+                Err(_elapsed) => (Failure::TimedOut, Status::deadline_exceeded("")),
+            };
+            match failure {
+                Failure::PassThrough => return Err(status),
+                Failure::Busy => {
+                    last_failure = format!("worker {} is busy", lease.address());
+                }
+                Failure::WorkerDown => {
+                    last_failure =
+                        format!("worker {} failed: {}", lease.address(), status.message());
+                    self.pool.mark_failed(lease.address(), status.message().to_owned());
+                }
+                Failure::TimedOut => {
+                    // The worker is still proving: keep it leased until it says it is idle,
+                    // so no other request is sent to a busy worker.
+                    hold_until_idle(lease);
+                    return Err(Status::deadline_exceeded(format!(
+                        "the worker did not answer within {:?} (the proxy's `timeout`; \
                              raise it if proofs take longer)",
-                            live.timeout
-                        )));
-                    }
-                },
+                        live.timeout
+                    )));
+                }
             }
             attempt_span.in_scope(|| {
                 warn!(attempts, failure = %last_failure, "attempt failed");
@@ -419,16 +421,24 @@ enum Failure {
 
 fn classify(status: &Status) -> Failure {
     match status.code() {
-        Code::ResourceExhausted => Failure::Busy,
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted => Failure::WorkerDown,
-        Code::DeadlineExceeded => Failure::TimedOut,
+        // Only "busy" means someone else's proof: RESOURCE_EXHAUSTED also says that this input
+        // hit a limit of the worker's prover process (memory, time, stack), and another worker
+        // would spend the same on it.
+        Code::ResourceExhausted if status.message() == BUSY_MESSAGE => Failure::Busy,
+        // The worker's own request_timeout: the upload to it stalled.
+        Code::Unavailable
+        | Code::Unknown
+        | Code::Cancelled
+        | Code::Aborted
+        | Code::DeadlineExceeded => Failure::WorkerDown,
         _ => Failure::PassThrough,
     }
 }
 
-/// The lease of a worker that has the request. A worker cannot stop a proof midway, so when the
-/// attempt is dropped before the answer (the client went away), the worker goes on proving: the
-/// lease is then held until the worker is idle, not released to the next request at once.
+/// The lease of a worker that has the request. When the attempt is dropped before the answer
+/// (the client went away), the worker kills that proof's prover process and is idle within
+/// milliseconds; the lease is held until the worker says so (a worker of an older version may
+/// go on proving), not released to the next request at once.
 struct InFlight(Option<pool::Lease>);
 
 impl InFlight {

@@ -33,6 +33,9 @@ pub enum DaemonError {
     /// The gRPC server failed.
     #[error("the gRPC server failed")]
     Serve(#[source] tonic::transport::Error),
+    /// This binary's path, which prover processes run, is unknown.
+    #[error("cannot find this program's own path to start prover processes")]
+    OwnPath(#[source] std::io::Error),
 }
 
 /// Runs a worker from `source` until SIGTERM; the process entry point of `start-worker`.
@@ -60,7 +63,9 @@ async fn serve_until_stopped(
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
 
-    let worker = Worker::new(settings.prover_type);
+    descriptor_headroom(settings.bounds.max_connections);
+    let worker = Worker::new(settings.prover_type, settings.limits, settings.bounds)
+        .map_err(DaemonError::OwnPath)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(serve(worker.clone(), listener, async move {
         let _ = stopped.await;
@@ -116,6 +121,28 @@ async fn serve_until_stopped(
     Ok(())
 }
 
+/// Descriptors the worker may need: a served and a waiting one per connection, six pipes for a
+/// proof and its spare, and the runtime's own. Raises the soft `RLIMIT_NOFILE` to the hard one
+/// (systemd's default soft limit is 1024) and warns when even that leaves no headroom, since
+/// running out means refused connections, not a crash (accept errors pause accepting).
+fn descriptor_headroom(max_connections: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let needed = 2 * max_connections as u64 + 64;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        info!(from = soft, to = hard, "raised the descriptor limit (RLIMIT_NOFILE) to its maximum");
+    }
+    let limit = soft.max(hard);
+    if limit < needed {
+        warn!(
+            limit,
+            needed,
+            "max_connections needs more descriptors than RLIMIT_NOFILE allows; lower it or raise \
+             LimitNOFILE= in the unit"
+        );
+    }
+}
+
 /// SIGHUP: re-reads the file and the environment, applies what can change live (log filter,
 /// grace period) and names what needs a restart. A broken file keeps the running configuration.
 fn reload(
@@ -142,7 +169,17 @@ fn reload(
                 settings.log_filter = new.log_filter;
             }
             settings.grace_period = new.grace_period;
-            info!(log_filter = %settings.log_filter, grace_period = ?settings.grace_period, "configuration reloaded");
+            if new.limits != settings.limits {
+                worker.set_limits(new.limits);
+                settings.limits = new.limits;
+            }
+            info!(
+                log_filter = %settings.log_filter,
+                grace_period = ?settings.grace_period,
+                prover_memory_limit = settings.limits.memory,
+                max_proof_time = ?settings.limits.max_proof_time,
+                "configuration reloaded"
+            );
             systemd::ready(&worker.status_line());
         }
         Err(err) => {

@@ -1,36 +1,37 @@
-//! The worker's gRPC service: `remote_prover.Api/Prove` (one proof at a time, proved on a blocking
-//! thread so the runtime keeps answering), `WorkerStatusApi/Status`, standard health, server
-//! reflection and gRPC-web, all on one listener.
+//! The worker's gRPC service: `remote_prover.Api/Prove` (one proof at a time, each in a prover
+//! process of its own, [`job`]), `WorkerStatusApi/Status`, standard health, server reflection
+//! and gRPC-web, all on one listener whose connections and requests are bounded ([`transport`]).
 //!
 //! Errors reach the wire in exactly one place, [`WorkerError::into_status`].
 
 pub mod daemon;
+pub mod job;
+pub mod transport;
 
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tonic::transport::server::TcpIncoming;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span, field, info, info_span, warn};
 
+use self::job::{JobError, ProverProcesses};
+use self::transport::Admission;
+use crate::config::{Bounds, Limits};
 use crate::process::error_chain;
 use crate::proto::api_server::{Api, ApiServer};
 use crate::proto::worker_status_api_server::{WorkerStatusApi, WorkerStatusApiServer};
 use crate::proto::{self, ProofType};
-use crate::prover::{ProveError, Prover};
 use crate::{ProofKind, systemd, telemetry};
 
-/// Largest request or response accepted. A transaction payload is ≈ 109 KB and a batch up to a
-/// few hundred KB; blocks of many batches are larger. Tonic's 4 MiB default would cut them off.
-pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+pub use crate::proto::MAX_MESSAGE_SIZE;
 
-/// HTTP/2 flow-control window for streams and connections.
-const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
+/// What a busy worker answers (upstream's text): the one `RESOURCE_EXHAUSTED` that means "try
+/// another worker", as the proxy reads it.
+pub const BUSY_MESSAGE: &str = "Server is busy handling another request";
 
 /// The answer to a `Prove` call that is not a proof.
 #[derive(Debug, thiserror::Error)]
@@ -49,17 +50,20 @@ pub enum WorkerError {
         served: ProofKind,
     },
     /// Another proof is running (the text is upstream's, which clients and proxies match).
-    #[error("Server is busy handling another request")]
+    #[error("{}", BUSY_MESSAGE)]
     Busy,
+    /// A request's body did not arrive whole in time.
+    #[error(
+        "the request body did not arrive whole within request_timeout ({})",
+        humantime::format_duration(*.0)
+    )]
+    RequestTimeout(std::time::Duration),
     /// The worker received SIGTERM and takes no new work.
     #[error("the worker is shutting down; send the request to another worker")]
     ShuttingDown,
-    /// Decoding or proving failed.
+    /// The prover process answered without a proof, hit a limit or died; the worker goes on.
     #[error(transparent)]
-    Prove(#[from] ProveError),
-    /// The prover panicked; the worker keeps serving.
-    #[error("the {0} prover panicked: {1}")]
-    Panicked(ProofKind, String),
+    Job(#[from] JobError),
 }
 
 impl WorkerError {
@@ -68,28 +72,34 @@ impl WorkerError {
     pub fn into_status(self) -> Status {
         let message = error_chain(&self);
         match self {
-            WorkerError::UnknownProofType(_) | WorkerError::Prove(ProveError::Decode { .. }) => {
+            WorkerError::UnknownProofType(_) | WorkerError::Job(JobError::Invalid(_)) => {
                 Status::invalid_argument(message)
             }
             WorkerError::WrongProofType { .. } => Status::unimplemented(message),
-            WorkerError::Busy => Status::resource_exhausted(message),
-            WorkerError::ShuttingDown => Status::unavailable(message),
-            WorkerError::Prove(ProveError::Prove { .. }) | WorkerError::Panicked(..) => {
+            WorkerError::Busy
+            | WorkerError::Job(
+                JobError::TimeLimit(_) | JobError::MemoryLimit { .. } | JobError::StackLimit,
+            ) => Status::resource_exhausted(message),
+            WorkerError::RequestTimeout(_) => Status::deadline_exceeded(message),
+            // The worker cannot prove at all: another worker should get the request.
+            WorkerError::ShuttingDown | WorkerError::Job(JobError::Start(_)) => {
+                Status::unavailable(message)
+            }
+            WorkerError::Job(JobError::Failed(_) | JobError::Died { .. }) => {
                 Status::internal(message)
             }
         }
     }
 
     /// Short outcome name for logs and metrics.
-    fn outcome(&self) -> &'static str {
+    pub fn outcome(&self) -> &'static str {
         match self {
             WorkerError::UnknownProofType(_) => "unknown_proof_type",
             WorkerError::WrongProofType { .. } => "wrong_proof_type",
             WorkerError::Busy => "busy",
             WorkerError::ShuttingDown => "shutting_down",
-            WorkerError::Prove(ProveError::Decode { .. }) => "invalid_payload",
-            WorkerError::Prove(ProveError::Prove { .. }) => "prove_failed",
-            WorkerError::Panicked(..) => "panicked",
+            WorkerError::RequestTimeout(_) => "request_timeout",
+            WorkerError::Job(err) => err.outcome(),
         }
     }
 }
@@ -101,8 +111,13 @@ pub struct Worker {
 }
 
 struct Inner {
-    prover: Prover,
-    /// One permit: held from admission until the proof has really ended, even if the client left.
+    kind: ProofKind,
+    /// Where proofs run.
+    processes: ProverProcesses,
+    /// Limits on connections and request bodies.
+    bounds: Bounds,
+    /// One permit: taken when a `Prove` call's headers arrive (so a busy worker answers before
+    /// reading the body) and held until its prover process is gone.
     slot: Arc<Semaphore>,
     served: AtomicU64,
     accepting: AtomicBool,
@@ -111,22 +126,47 @@ struct Inner {
 }
 
 impl Worker {
-    /// A worker proving `kind`.
-    pub fn new(kind: ProofKind) -> Self {
-        Worker {
+    /// A worker proving `kind` in prover processes under `limits`, serving within `bounds`.
+    pub fn new(kind: ProofKind, limits: Limits, bounds: Bounds) -> std::io::Result<Self> {
+        Ok(Worker {
             inner: Arc::new(Inner {
-                prover: Prover::new(kind),
+                kind,
+                processes: ProverProcesses::new(kind, limits)?,
+                bounds,
                 slot: Arc::new(Semaphore::new(1)),
                 served: AtomicU64::new(0),
                 accepting: AtomicBool::new(true),
                 status: std::sync::Mutex::new("idle".to_owned()),
             }),
-        }
+        })
     }
 
     /// The proof kind served.
     pub fn kind(&self) -> ProofKind {
-        self.inner.prover.kind()
+        self.inner.kind
+    }
+
+    /// The prover processes' limits in force.
+    pub fn limits(&self) -> Limits {
+        self.inner.processes.limits()
+    }
+
+    /// New limits for the proofs that start from now on (reload).
+    pub fn set_limits(&self, limits: Limits) {
+        self.inner.processes.set_limits(limits);
+        self.prepare();
+    }
+
+    /// Starts a spare prover process in the background, so the next request does not wait for
+    /// one.
+    fn prepare(&self) {
+        let worker = self.clone();
+        tokio::spawn(async move { worker.inner.processes.prepare() });
+    }
+
+    /// The worker's slot if it is free: one proof at a time.
+    fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.inner.slot).try_acquire_owned().ok()
     }
 
     /// True while a proof runs.
@@ -152,8 +192,13 @@ impl Worker {
         }
     }
 
-    /// Admits, decodes and proves one request.
-    async fn prove_request(&self, request: proto::ProofRequest) -> Result<Vec<u8>, WorkerError> {
+    /// Admits one request and proves it in a prover process. `admitted` is the slot taken
+    /// when the headers arrived, if they were seen.
+    async fn prove_request(
+        &self,
+        request: proto::ProofRequest,
+        admitted: Option<OwnedSemaphorePermit>,
+    ) -> Result<Vec<u8>, WorkerError> {
         let requested: ProofKind = ProofType::try_from(request.proof_type)
             .map_err(|_| WorkerError::UnknownProofType(request.proof_type))?
             .into();
@@ -164,60 +209,57 @@ impl Worker {
         if !self.inner.accepting.load(Ordering::SeqCst) {
             return Err(WorkerError::ShuttingDown);
         }
-        let permit =
-            Arc::clone(&self.inner.slot).try_acquire_owned().map_err(|_| WorkerError::Busy)?;
-
-        // The blocking thread owns the permit: the worker stays busy until the proof has ended,
-        // even when this future is dropped because the client went away.
-        let worker = self.clone();
+        let permit = admitted.or_else(|| self.try_admit()).ok_or(WorkerError::Busy)?;
+        // The slot is held until the prover process is gone, also when the client leaves and
+        // this future is dropped (which kills the process): then the worker is idle at once.
+        let idle = Idle { worker: self.clone(), _permit: permit };
         let span = Span::current();
-        let task = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let _entered = span.enter();
-            let started = Instant::now();
-            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                worker.decode_and_prove(&request.payload)
-            }))
-            .unwrap_or_else(|panic| {
-                Err(WorkerError::Panicked(worker.kind(), panic_message(&panic)))
-            });
-            worker.inner.served.fetch_add(1, Ordering::Relaxed);
-            worker.set_status("idle".to_owned());
-            let duration_ms = started.elapsed().as_millis();
-            match &result {
-                Ok(proof) => {
-                    info!(outcome = "proved", duration_ms, proof_bytes = proof.len(), "proof done");
-                }
-                Err(err) => {
-                    warn!(outcome = err.outcome(), duration_ms, error = %error_chain(err), "proof failed");
-                }
+        let started = Instant::now();
+        let result = self
+            .inner
+            .processes
+            .prove(
+                &request.payload,
+                || self.prepare(),
+                |subject| {
+                    span.record("subject", subject);
+                    self.set_status(format!("proving {subject}"));
+                },
+                idle,
+            )
+            .await
+            .map_err(WorkerError::from);
+        let duration_ms = started.elapsed().as_millis();
+        match &result {
+            Ok(proof) => {
+                info!(outcome = "proved", duration_ms, proof_bytes = proof.len(), "proof done");
             }
-            result
-        });
-        task.await.unwrap_or_else(|join| Err(WorkerError::Panicked(self.kind(), join.to_string())))
-    }
-
-    fn decode_and_prove(&self, payload: &[u8]) -> Result<Vec<u8>, WorkerError> {
-        let job = self.inner.prover.decode(payload)?;
-        Span::current().record("subject", job.subject.as_str());
-        self.set_status(format!("proving {}", job.subject));
-        Ok(self.inner.prover.prove(job)?)
+            Err(err) => {
+                warn!(outcome = err.outcome(), duration_ms, error = %error_chain(err), "proof failed");
+            }
+        }
+        result
     }
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-string panic payload".to_owned())
+/// Held while a prover process lives; returns the worker to idle when dropped.
+struct Idle {
+    worker: Worker,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        self.worker.inner.served.fetch_add(1, Ordering::Relaxed);
+        self.worker.set_status("idle".to_owned());
+    }
 }
 
 #[tonic::async_trait]
 impl Api for Worker {
     async fn prove(
         &self,
-        request: Request<proto::ProofRequest>,
+        mut request: Request<proto::ProofRequest>,
     ) -> Result<Response<proto::Proof>, Status> {
         let span = info_span!(
             "prove",
@@ -230,12 +272,14 @@ impl Api for Worker {
         }
         telemetry::continue_trace(&span, request.metadata());
         let started = Instant::now();
-        let result = self.prove_request(request.into_inner()).instrument(span.clone()).await;
+        let admitted = request.extensions_mut().remove::<Admission>().and_then(Admission::take);
+        let result =
+            self.prove_request(request.into_inner(), admitted).instrument(span.clone()).await;
         match result {
             Ok(payload) => Ok(Response::new(proto::Proof { payload })),
             Err(err) => {
                 // Proving outcomes are logged by the proving thread; log only early refusals here.
-                if !matches!(err, WorkerError::Prove(_) | WorkerError::Panicked(..)) {
+                if !matches!(err, WorkerError::Job(_)) {
                     span.in_scope(|| {
                         info!(outcome = err.outcome(), duration_ms = started.elapsed().as_millis(), error = %err, "request refused");
                     });
@@ -258,6 +302,26 @@ impl WorkerStatusApi for Worker {
     }
 }
 
+/// HTTP/2 flow-control window of a stream: a whole batch (≈ 170 KB) or transaction arrives
+/// without waiting for a WINDOW_UPDATE round trip (HTTP/2's default is 64 KiB).
+const STREAM_WINDOW: u32 = 2 << 20;
+
+/// HTTP/2 flow-control window of a connection: what one connection can make the worker buffer.
+const CONNECTION_WINDOW: u32 = 4 << 20;
+
+/// Streams one connection may have open: a proxy's `Prove`, its status polls and health checks.
+/// A one-at-a-time service has no use for HTTP/2's unlimited default.
+pub const MAX_CONCURRENT_STREAMS: u32 = 8;
+
+/// Largest message any service but `Prove` accepts (status, health and reflection requests are
+/// a few bytes).
+const MAX_SMALL_MESSAGE: usize = 64 << 10;
+
+/// How often an idle connection is pinged, and how long the answer may take, so a vanished peer
+/// lets go of its connection.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves `worker` on `listener` until `shutdown` resolves, then stops taking connections and
 /// returns once the requests in flight have been answered.
 pub async fn serve(
@@ -271,29 +335,37 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .expect("the embedded descriptor sets are valid: they were produced by the build script");
+        .expect("the embedded descriptor sets are valid: they were produced by the build script")
+        .max_decoding_message_size(MAX_SMALL_MESSAGE);
 
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let bounds = worker.inner.bounds;
+    let incoming = transport::incoming(listener, bounds);
     let shutdown = async move {
         shutdown.await;
         health.set_not_serving::<ApiServer<Worker>>().await;
         health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     };
+    worker.prepare();
     tonic::transport::Server::builder()
-        // Windows that fit a whole request: with HTTP/2's 64 KiB default a 170 KB batch waits
-        // for several WINDOW_UPDATE round trips before the worker has all of it.
-        .initial_stream_window_size(Some(WINDOW_SIZE))
-        .initial_connection_window_size(Some(WINDOW_SIZE))
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .max_frame_size(Some(1 << 20))
+        .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+        .http2_max_header_list_size(Some(16 << 10))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .accept_http1(true)
         .layer(tonic_web::GrpcWebLayer::new())
+        .layer(transport::AdmissionLayer::new(worker.clone()))
         .add_service(
             ApiServer::new(worker.clone())
-                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_decoding_message_size(bounds.max_request_size)
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
         )
-        .add_service(WorkerStatusApiServer::new(worker))
-        .add_service(health_service)
+        .add_service(
+            WorkerStatusApiServer::new(worker).max_decoding_message_size(MAX_SMALL_MESSAGE),
+        )
+        .add_service(health_service.max_decoding_message_size(MAX_SMALL_MESSAGE))
         .add_service(reflection)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -3,6 +3,7 @@
 
 mod control;
 mod fast;
+mod hostile;
 mod proxy;
 mod support;
 mod worker;

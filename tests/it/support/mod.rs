@@ -2,6 +2,7 @@
 //! real `NOTIFY_SOCKET`, discovers the port each bound from `/proc`, and talks gRPC to them.
 
 pub mod fixtures;
+pub mod hostile;
 pub mod otlp;
 pub mod standin;
 
@@ -364,6 +365,11 @@ async fn wait_exit(child: &mut Child) -> ExitStatus {
 }
 
 impl Daemon {
+    /// The directory of its notify socket and of the files its test wrote (`worker.toml`).
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
     /// `http://ADDR` for gRPC clients.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)

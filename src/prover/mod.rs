@@ -1,6 +1,11 @@
 //! The prover backend: the only module that names Miden types. It decodes a payload into a job,
 //! proves the job with the real Miden prover for its kind, and encodes the proof. Everything here
-//! is synchronous and CPU-bound; callers run it off the async runtime.
+//! is synchronous and CPU-bound, and runs in a prover process of its own ([`crate::worker::job`]),
+//! never in the worker: a fault of the Miden code on hostile input ends that process, not the
+//! service. Payloads are decoded through [`reader::BoundedReader`], which refuses lengths the
+//! payload cannot back.
+
+pub mod reader;
 
 use miden_block_prover::LocalBlockProver;
 use miden_objects::MIN_PROOF_SECURITY_LEVEL;
@@ -10,6 +15,7 @@ use miden_objects::transaction::TransactionInputs;
 use miden_objects::utils::{Deserializable, DeserializationError, Serializable};
 use miden_tx::LocalTransactionProver;
 use miden_tx_batch_prover::LocalBatchProver;
+use reader::BoundedReader;
 
 use crate::ProofKind;
 
@@ -17,7 +23,7 @@ use crate::ProofKind;
 #[derive(Debug, thiserror::Error)]
 pub enum ProveError {
     /// The payload is not the serialized input its proof type names: the caller's fault.
-    #[error("payload is not a valid {input}: {source}")]
+    #[error("payload is not a valid {input}")]
     Decode {
         /// The Miden type the payload should have been.
         input: &'static str,
@@ -50,7 +56,9 @@ enum Input {
     Block(Box<ProposedBlock>),
 }
 
-/// The Miden prover for one proof kind.
+/// The Miden prover for one proof kind. A prover process makes one for its one request, so
+/// nothing a request brings (the transaction prover's MAST store grows with every account's
+/// code) outlives it.
 pub struct Prover {
     kind: ProofKind,
     transaction: LocalTransactionProver,
@@ -69,26 +77,7 @@ impl Prover {
 
     /// Decodes `payload` as the input of this prover's kind.
     pub fn decode(&self, payload: &[u8]) -> Result<Job, ProveError> {
-        fn read<T: Deserializable>(payload: &[u8], input: &'static str) -> Result<T, ProveError> {
-            T::read_from_bytes(payload).map_err(|source| ProveError::Decode { input, source })
-        }
-        Ok(match self.kind {
-            ProofKind::Transaction => {
-                let inputs: TransactionInputs = read(payload, "TransactionInputs")?;
-                let subject = format!("transaction for account {}", inputs.account().id());
-                Job { input: Input::Transaction(Box::new(inputs)), subject }
-            }
-            ProofKind::Batch => {
-                let batch: ProposedBatch = read(payload, "ProposedBatch")?;
-                let subject = format!("batch {}", batch.id());
-                Job { input: Input::Batch(Box::new(batch)), subject }
-            }
-            ProofKind::Block => {
-                let block: ProposedBlock = read(payload, "ProposedBlock")?;
-                let subject = format!("block {}", block.block_num());
-                Job { input: Input::Block(Box::new(block)), subject }
-            }
-        })
+        decode(self.kind, payload)
     }
 
     /// Proves `job` and returns the serialized proof (`ProvenTransaction`, `ProvenBatch` or
@@ -113,4 +102,28 @@ impl Prover {
                 .map_err(|err| failed(Box::new(err))),
         }
     }
+}
+
+/// Decodes `payload` as the input of `kind` (without a prover: what the fuzz targets run).
+pub fn decode(kind: ProofKind, payload: &[u8]) -> Result<Job, ProveError> {
+    fn read<T: Deserializable>(payload: &[u8], input: &'static str) -> Result<T, ProveError> {
+        BoundedReader::decode::<T>(payload).map_err(|source| ProveError::Decode { input, source })
+    }
+    Ok(match kind {
+        ProofKind::Transaction => {
+            let inputs: TransactionInputs = read(payload, "TransactionInputs")?;
+            let subject = format!("transaction for account {}", inputs.account().id());
+            Job { input: Input::Transaction(Box::new(inputs)), subject }
+        }
+        ProofKind::Batch => {
+            let batch: ProposedBatch = read(payload, "ProposedBatch")?;
+            let subject = format!("batch {}", batch.id());
+            Job { input: Input::Batch(Box::new(batch)), subject }
+        }
+        ProofKind::Block => {
+            let block: ProposedBlock = read(payload, "ProposedBlock")?;
+            let subject = format!("block {}", block.block_num());
+            Job { input: Input::Block(Box::new(block)), subject }
+        }
+    })
 }

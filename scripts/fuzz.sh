@@ -1,0 +1,57 @@
+#!/bin/bash
+# scripts/fuzz.sh SECONDS [TARGET…]: a coverage-guided fuzzing campaign of the payload decoders
+# (fuzz/, cargo-fuzz + libFuzzer on the nightly toolchain), SECONDS per target, the targets one
+# after another (default: all three). Seeds are real MockChain payloads (the ignored test
+# hostile::write_fuzz_seeds);
+# the corpus grows in target/fuzz-corpus. Prints, per target, executions, coverage and findings;
+# exits 1 when any target found a crash, an abort, a leak, an allocation over the limit or a
+# hang (saved in fuzz/artifacts/TARGET, to become a regression test).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${1:?usage: scripts/fuzz.sh SECONDS [TARGET...]}
+shift
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(decode_transaction decode_batch decode_block)
+
+rustup run nightly rustc --version >/dev/null 2>&1 ||
+    { echo "fuzz: no nightly toolchain (rustup toolchain install nightly)" >&2; exit 2; }
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+
+seeds=$PWD/target/fuzz-seeds
+if [ ! -d "$seeds/decode_block" ]; then
+    MPS_FUZZ_SEEDS=$seeds cargo test --locked --test it -- --ignored --exact hostile::write_fuzz_seeds
+fi
+
+# One instrumented build of all targets (release: the Miden stack at full speed, as in the
+# service's dev profile; debug assertions on, so overflow and bounds faults surface). cargo-fuzz
+# has no --locked: fetching with it first makes the build use fuzz/Cargo.lock as it is.
+(cd fuzz && cargo +nightly fetch --locked && cargo +nightly fuzz build -O --debug-assertions)
+
+found=0
+since=$(mktemp)
+for target in "${targets[@]}"; do
+    corpus=target/fuzz-corpus/$target
+    mkdir -p "$corpus" "fuzz/artifacts/$target"
+    log=$(mktemp)
+    # rss/malloc limits: a decode that reserves more than 2 GiB is a finding (the prover process
+    # would abort there; our reader exists to refuse such lengths first). A unit slower than
+    # 10 s is a hang.
+    status=0
+    (cd fuzz && cargo +nightly fuzz run -O --debug-assertions "$target" \
+        "../$corpus" "$seeds/$target" -- \
+        -max_total_time="$seconds" -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=10 \
+        -max_len=1048576 -print_final_stats=1 -close_fd_mask=1) >"$log" 2>&1 || status=$?
+    execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
+    cov=$(grep -oE '(cov|ft): [0-9]+' "$log" | tail -2 | tr '\n' ' ' || true)
+    # Only what this run found: earlier findings stay until they are turned into tests.
+    artifacts=$(find "fuzz/artifacts/$target" -type f -newer "$since" | wc -l)
+    echo "fuzz: $target: $execs executions in ${seconds}s, ${cov:-no coverage line}, corpus $(find "$corpus" -type f | wc -l) inputs, $artifacts findings (exit $status)"
+    if [ "$status" -ne 0 ] || [ "$artifacts" -gt 0 ]; then
+        found=1
+        grep -E '^==[0-9]+==|SUMMARY|ERROR|panicked|artifact_prefix|Test unit written' "$log" | head -20 >&2 || true
+        find "fuzz/artifacts/$target" -type f -newer "$since" >&2
+    fi
+    rm -f "$log"
+done
+rm -f "$since"
+exit $found

@@ -1,0 +1,504 @@
+//! Contained proving: every request is decoded and proved in a prover process of its own, a child
+//! of the worker running this binary's hidden `prove-job` mode. A crash, an abort or a limit hit
+//! on hostile input ends that process, and the worker turns the way it ended into an answer.
+//!
+//! - **One process per proof**: it proves one request and exits, so nothing a request brings
+//!   (account code pinned in the prover's MAST store, a grown heap) reaches the next one.
+//! - **A spare waits**: [`ProverProcesses`] keeps one process started ahead of time, so a batch or
+//!   block proof (milliseconds) does not pay for `exec` and start-up.
+//! - **Limits**: address space (`prover_memory_limit`, `RLIMIT_AS`), no core dumps, a large
+//!   stack for the proving thread ([`PROVER_STACK_SIZE`]), set by the process itself before it
+//!   reads a byte of input (the crate forbids the `unsafe` a `pre_exec` hook needs); a wall-clock
+//!   limit (`max_proof_time`) enforced by the worker with SIGKILL; death with the worker
+//!   (`PR_SET_PDEATHSIG`). SIGTERM is blocked in the process: the proof in flight is the worker's
+//!   to finish or abandon when systemd stops the service's whole control group.
+//! - **Cancellation**: dropping the future of [`ProverProcesses::prove`] (the client left) kills
+//!   the process; the worker's slot is released once it has been reaped.
+//!
+//! The protocol on the pipes: the worker writes the payload's length (u64, little-endian) and
+//! the payload on stdin; the process answers on stdout with frames of a tag byte, a u32
+//! little-endian length and the bytes: [`Frame::Subject`] once the payload decoded, then one of
+//! [`Frame::Proof`], [`Frame::Invalid`] or [`Frame::Failed`]. Its stderr (a panic message, Rust's
+//! "memory allocation of N bytes failed" or "has overflowed its stack") says why it died.
+
+use std::io::{Read, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitCode, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use nix::sys::signal::{SigSet, Signal};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStdout, Command};
+
+use crate::ProofKind;
+use crate::config::Limits;
+use crate::process::error_chain;
+use crate::prover::{ProveError, Prover};
+
+/// Stack of the thread that proves. The VM executes nested MAST nodes by recursion on it; 2 MiB
+/// (a Tokio blocking thread's) was enough for every real input, so 64 MiB leaves a margin of
+/// 32× while a self-referencing program still overflows it in milliseconds.
+pub const PROVER_STACK_SIZE: usize = 64 << 20;
+
+/// Largest frame a prover process may send: a proof is at most a gRPC message.
+const MAX_FRAME: usize = crate::proto::MAX_MESSAGE_SIZE;
+
+/// How much of a prover process's stderr is kept to explain its death.
+const STDERR_TAIL: usize = 4096;
+
+/// Exit status of a prover process that could not set its limits (`EX_OSERR`).
+const EXIT_SETUP: u8 = 71;
+
+/// How a contained proof ended when it did not give a proof.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The payload is not the input its proof type names (found by the decoder).
+    #[error("{0}")]
+    Invalid(String),
+    /// The Miden prover rejected the input or failed (its error chain).
+    #[error("{0}")]
+    Failed(String),
+    /// `max_proof_time` passed; the process was killed.
+    #[error(
+        "the proof took longer than max_proof_time ({}); the prover process was killed. This \
+         input needs more time than this worker allows",
+        humantime::format_duration(*.0)
+    )]
+    TimeLimit(Duration),
+    /// The process ran out of its address space.
+    #[error(
+        "the prover process ran out of memory at its limit (prover_memory_limit = {} MiB) on this \
+         input and was stopped{}", .limit >> 20, detail_suffix(.detail)
+    )]
+    MemoryLimit {
+        /// The limit in bytes.
+        limit: u64,
+        /// The process's last words.
+        detail: String,
+    },
+    /// The proving thread overflowed its stack: the input's code recurses without end.
+    #[error(
+        "the prover process overflowed its {} MiB stack on this input (its code recurses too \
+         deep, e.g. a procedure that refers to itself) and was stopped", PROVER_STACK_SIZE >> 20
+    )]
+    StackLimit,
+    /// The process died another way (a signal, an abort, a panic).
+    #[error("the prover process {how} on this input{}", detail_suffix(.detail))]
+    Died {
+        /// "was killed by signal 11 (SIGSEGV)", "exited with status 101".
+        how: String,
+        /// The process's last words.
+        detail: String,
+    },
+    /// No prover process could be started or talked to.
+    #[error("this worker cannot start a prover process; send the request to another worker")]
+    Start(#[source] std::io::Error),
+}
+
+impl JobError {
+    /// Short outcome name for logs and metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            JobError::Invalid(_) => "invalid_payload",
+            JobError::Failed(_) => "prove_failed",
+            JobError::TimeLimit(_) => "time_limit",
+            JobError::MemoryLimit { .. } => "memory_limit",
+            JobError::StackLimit => "stack_limit",
+            JobError::Died { .. } => "prover_died",
+            JobError::Start(_) => "no_prover_process",
+        }
+    }
+}
+
+fn detail_suffix(detail: &str) -> String {
+    if detail.is_empty() { String::new() } else { format!(": {detail}") }
+}
+
+/// Frames a prover process sends on stdout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Frame {
+    /// The payload decoded; the text names what is proved. Proving starts.
+    Subject = 1,
+    /// The serialized proof; the process is done.
+    Proof = 2,
+    /// The payload did not decode; the text says why.
+    Invalid = 3,
+    /// Proving failed; the text is the prover's error chain.
+    Failed = 4,
+}
+
+impl Frame {
+    fn from_tag(tag: u8) -> Option<Frame> {
+        [Frame::Subject, Frame::Proof, Frame::Invalid, Frame::Failed]
+            .into_iter()
+            .find(|frame| *frame as u8 == tag)
+    }
+}
+
+// THE PROVER PROCESS
+// ================================================================================================
+
+/// The `prove-job` mode: applies the limits, reads one payload from stdin, proves it on a thread
+/// with a [`PROVER_STACK_SIZE`] stack and answers on stdout. `parent` is the worker's pid: the
+/// process exits if the worker is already gone.
+pub fn child_main(kind: ProofKind, memory_limit: u64, parent: u32) -> ExitCode {
+    if let Err(err) = contain(memory_limit, parent) {
+        eprintln!("prove-job: cannot set the prover process's limits: {err}");
+        return ExitCode::from(EXIT_SETUP);
+    }
+    let mut stdin = std::io::stdin().lock();
+    let mut len = [0u8; 8];
+    if stdin.read_exact(&mut len).is_err() {
+        // A spare the worker no longer needs: its stdin closed before any payload.
+        return ExitCode::SUCCESS;
+    }
+    let Ok(len) = usize::try_from(u64::from_le_bytes(len)) else {
+        return ExitCode::from(EXIT_SETUP);
+    };
+    let mut payload = vec![0u8; len];
+    if let Err(err) = stdin.read_exact(&mut payload) {
+        eprintln!("prove-job: the payload did not arrive whole: {err}");
+        return ExitCode::from(EXIT_SETUP);
+    }
+    drop(stdin);
+    let prover = std::thread::Builder::new()
+        .name("prover".into())
+        .stack_size(PROVER_STACK_SIZE)
+        .spawn(move || prove_to(kind, &payload, &mut std::io::stdout().lock()));
+    match prover.map(std::thread::JoinHandle::join) {
+        Ok(Ok(Ok(()))) => ExitCode::SUCCESS,
+        // A panic has printed its message to stderr, which the worker reads.
+        Ok(Ok(Err(_)) | Err(_)) | Err(_) => ExitCode::FAILURE,
+    }
+}
+
+/// Limits set before any input is read.
+fn contain(memory_limit: u64, parent: u32) -> nix::Result<()> {
+    use nix::sys::resource::{Resource, setrlimit};
+    setrlimit(Resource::RLIMIT_AS, memory_limit, memory_limit)?;
+    setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+    if nix::unistd::getppid().as_raw().cast_unsigned() != parent {
+        // The worker died before the death signal was armed.
+        std::process::exit(0);
+    }
+    let mut blocked = SigSet::empty();
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        blocked.add(signal);
+    }
+    blocked.thread_block()
+}
+
+/// Decodes and proves `payload`, writing the frames to `out`.
+fn prove_to(kind: ProofKind, payload: &[u8], out: &mut impl Write) -> std::io::Result<()> {
+    // Decode first: a malformed payload is refused before the prover loads its kernel.
+    let job = match crate::prover::decode(kind, payload) {
+        Ok(job) => job,
+        Err(err) => return write_frame(out, Frame::Invalid, error_chain(&err).as_bytes()),
+    };
+    write_frame(out, Frame::Subject, job.subject.as_bytes())?;
+    match Prover::new(kind).prove(job) {
+        Ok(proof) => write_frame(out, Frame::Proof, &proof),
+        Err(err @ ProveError::Prove { .. }) => {
+            write_frame(out, Frame::Failed, error_chain(&err).as_bytes())
+        }
+        Err(err @ ProveError::Decode { .. }) => {
+            write_frame(out, Frame::Invalid, error_chain(&err).as_bytes())
+        }
+    }
+}
+
+fn write_frame(out: &mut impl Write, frame: Frame, bytes: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(bytes.len()).map_err(std::io::Error::other)?;
+    out.write_all(&[frame as u8])?;
+    out.write_all(&len.to_le_bytes())?;
+    out.write_all(bytes)?;
+    out.flush()
+}
+
+// THE WORKER'S SIDE
+// ================================================================================================
+
+/// A started prover process, waiting for its payload.
+struct Spawned {
+    child: Child,
+}
+
+/// Starts prover processes for one proof kind and keeps one spare.
+pub struct ProverProcesses {
+    exe: PathBuf,
+    kind: ProofKind,
+    limits: Mutex<Limits>,
+    spare: Mutex<Option<Spawned>>,
+}
+
+impl ProverProcesses {
+    /// Prover processes of this very binary (after a hand-over to the fast build, that build).
+    pub fn new(kind: ProofKind, limits: Limits) -> std::io::Result<Self> {
+        // The running binary itself, also after a package upgrade replaced the file on disk: a
+        // prover process must speak this worker's protocol and prove with its Miden version.
+        let exe = PathBuf::from("/proc/self/exe");
+        std::fs::metadata(&exe)?;
+        Ok(ProverProcesses { exe, kind, limits: Mutex::new(limits), spare: Mutex::new(None) })
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        *self.limits.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// New limits for the proofs that start from now on (reload); the spare is replaced.
+    pub fn set_limits(&self, limits: Limits) {
+        *self.limits.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = limits;
+        drop(self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
+    }
+
+    /// Starts the spare if there is none. Call it from a task on the runtime's worker threads
+    /// only: `PR_SET_PDEATHSIG` fires when the *thread* that started a process ends, and those
+    /// threads live as long as the worker (a blocking-pool thread ends after 10 s idle).
+    pub fn prepare(&self) {
+        let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if spare.is_none() {
+            match self.spawn() {
+                Ok(spawned) => *spare = Some(spawned),
+                Err(err) => tracing::warn!(error = %err, "cannot start a spare prover process"),
+            }
+        }
+    }
+
+    fn spawn(&self) -> std::io::Result<Spawned> {
+        let limits = self.limits();
+        let child = Command::new(&self.exe)
+            .arg("prove-job")
+            .args(["--prover-type", self.kind.as_str()])
+            .args(["--memory-limit", &limits.memory.to_string()])
+            .args(["--parent", &std::process::id().to_string()])
+            // What systemd gave the worker is the worker's alone.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            // glibc reserves 64 MiB of address space per malloc arena, up to 8 per core: on a
+            // large machine that alone would approach prover_memory_limit (RLIMIT_AS). Four
+            // arenas serve the prover's threads as fast (BENCHMARKS.md).
+            .env("MALLOC_ARENA_MAX", "4")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(Spawned { child })
+    }
+
+    /// A process to prove in: the spare when it is alive, else a new one.
+    fn take(&self) -> std::io::Result<Spawned> {
+        let spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(mut spawned) = spare
+            && matches!(spawned.child.try_wait(), Ok(None))
+        {
+            return Ok(spawned);
+        }
+        self.spawn()
+    }
+
+    /// Proves `payload` in a prover process. `on_sent` is called once the process has the
+    /// payload (the moment to start the next spare), `on_subject` once the payload decoded, with
+    /// what is proved. `hold` (the worker's slot) is dropped once the process has been reaped,
+    /// also when the future is dropped: that kills the process.
+    pub async fn prove<H: Send + 'static>(
+        &self,
+        payload: &[u8],
+        on_sent: impl FnOnce(),
+        on_subject: impl FnOnce(&str),
+        hold: H,
+    ) -> Result<Vec<u8>, JobError> {
+        let limits = self.limits();
+        let Spawned { mut child } = self.take().map_err(JobError::Start)?;
+        let (Some(mut stdin), Some(mut stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(JobError::Start(std::io::Error::other("a pipe is missing")));
+        };
+        let mut reaper = Reaper { child: Some(child), hold: Some(hold) };
+        let last_words = tokio::spawn(tail(stderr));
+        let deadline = tokio::time::Instant::now() + limits.max_proof_time;
+        let mut decoded = false;
+        let answer = async {
+            let len = (payload.len() as u64).to_le_bytes();
+            // A write that fails means the process died: its exit status says how.
+            if stdin.write_all(&len).await.is_ok() && stdin.write_all(payload).await.is_ok() {
+                drop(stdin);
+                on_sent();
+                read_answer(&mut stdout, on_subject, &mut decoded).await
+            } else {
+                Ok(None)
+            }
+        };
+        let answer = match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(Some(answer))) => answer,
+            Err(_elapsed) => Err(JobError::TimeLimit(limits.max_proof_time)),
+            Ok(Err(err)) => {
+                // The process sent what is not a frame: nothing it says can be trusted.
+                Err(JobError::Died {
+                    how: "sent a malformed answer".to_owned(),
+                    detail: err.to_string(),
+                })
+            }
+            // It closed stdout without an answer: it died, or is about to.
+            Ok(Ok(None)) => match tokio::time::timeout_at(deadline, reaper.wait()).await {
+                Ok(Ok(status)) => {
+                    let words = last_words.await.unwrap_or_default();
+                    Err(classify_death(status, &words, limits.memory, decoded))
+                }
+                Ok(Err(err)) => Err(JobError::Start(err)),
+                Err(_elapsed) => Err(JobError::TimeLimit(limits.max_proof_time)),
+            },
+        };
+        reaper.finish().await;
+        answer
+    }
+}
+
+/// Owns a prover process and what must live until it is gone: kills and reaps it on every path,
+/// in the background when the future that owned it was dropped.
+struct Reaper<H: Send + 'static> {
+    child: Option<Child>,
+    hold: Option<H>,
+}
+
+impl<H: Send + 'static> Reaper<H> {
+    async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        match self.child.as_mut() {
+            Some(child) => child.wait().await,
+            None => Err(std::io::Error::other("the prover process is gone")),
+        }
+    }
+
+    /// Kills the process if it still runs (an answer was given: it has nothing left to do),
+    /// reaps it, then lets go of what it held. Dropped midway, [`Drop`] finishes the job: the
+    /// process stays in `self` until it has been reaped.
+    async fn finish(mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill().await;
+        }
+        self.child = None;
+        drop(self.hold.take());
+    }
+}
+
+impl<H: Send + 'static> Drop for Reaper<H> {
+    fn drop(&mut self) {
+        let (Some(mut child), hold) = (self.child.take(), self.hold.take()) else { return };
+        let _ = child.start_kill();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = child.wait().await;
+                drop(hold);
+            });
+        }
+    }
+}
+
+/// Reads frames until the final one; `None` when stdout closed first. `decoded` is set when the
+/// payload has decoded (the subject arrived).
+async fn read_answer(
+    stdout: &mut ChildStdout,
+    on_subject: impl FnOnce(&str),
+    decoded: &mut bool,
+) -> std::io::Result<Option<Result<Vec<u8>, JobError>>> {
+    let mut on_subject = Some(on_subject);
+    loop {
+        let mut head = [0u8; 5];
+        match stdout.read_exact(&mut head).await {
+            Ok(_) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(err) => return Err(err),
+        }
+        let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let frame = Frame::from_tag(head[0]).filter(|_| len <= MAX_FRAME).ok_or_else(|| {
+            std::io::Error::other(format!("bad frame from the prover process: tag {}", head[0]))
+        })?;
+        let mut bytes = vec![0u8; len];
+        stdout.read_exact(&mut bytes).await?;
+        let text = || String::from_utf8_lossy(&bytes).into_owned();
+        return Ok(Some(match frame {
+            Frame::Subject => {
+                *decoded = true;
+                if let Some(on_subject) = on_subject.take() {
+                    on_subject(&text());
+                }
+                continue;
+            }
+            Frame::Proof => Ok(bytes),
+            Frame::Invalid => Err(JobError::Invalid(text())),
+            Frame::Failed => Err(JobError::Failed(text())),
+        }));
+    }
+}
+
+/// The last [`STDERR_TAIL`] bytes of `stream`, read to its end.
+async fn tail(mut stream: impl AsyncRead + Unpin) -> String {
+    let mut kept = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n @ 1..) = stream.read(&mut buf).await {
+        kept.extend_from_slice(&buf[..n]);
+        if kept.len() > 2 * STDERR_TAIL {
+            kept.drain(..kept.len() - STDERR_TAIL);
+        }
+    }
+    let start = kept.len().saturating_sub(STDERR_TAIL);
+    String::from_utf8_lossy(&kept[start..]).trim().to_owned()
+}
+
+/// Names how a prover process that gave no answer ended. Its stderr is input-influenced (a panic
+/// message may quote the input), so the limits are recognised only from Rust's own last words
+/// before an abort (SIGABRT): "thread '…' has overflowed its stack", "memory allocation of N
+/// bytes failed". An allocation that failed before the payload had decoded was announced by the
+/// payload: a malformed input, not one that needs more memory.
+fn classify_death(status: ExitStatus, last_words: &str, memory: u64, decoded: bool) -> JobError {
+    // One line for the client: the panic or abort message, not a backtrace hint.
+    let detail = last_words
+        .lines()
+        .filter(|line| !line.starts_with("note: run with `RUST_BACKTRACE"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let aborted = status.signal() == Some(libc::SIGABRT);
+    let said = |test: &dyn Fn(&str) -> bool| aborted && last_words.lines().any(test);
+    if said(&|line| line.starts_with("thread '") && line.ends_with("has overflowed its stack")) {
+        return JobError::StackLimit;
+    }
+    let allocation = last_words.lines().find_map(|line| {
+        line.strip_prefix("memory allocation of ")?
+            .strip_suffix(" bytes failed")?
+            .parse::<u64>()
+            .ok()
+    });
+    if let Some(bytes) = allocation.filter(|_| aborted) {
+        if !decoded {
+            return JobError::Invalid(format!(
+                "the payload announces a {bytes}-byte allocation while it is decoded (more than \
+                 the prover process's {} MiB); it is not a valid input",
+                memory >> 20
+            ));
+        }
+        return JobError::MemoryLimit { limit: memory, detail };
+    }
+    let how = match (status.signal(), status.code()) {
+        (Some(signal), _) => {
+            let name = Signal::try_from(signal).map_or("unknown", Signal::as_str);
+            let by = if signal == libc::SIGKILL {
+                " (not by the worker: the kernel's OOM killer, or an operator)"
+            } else {
+                ""
+            };
+            format!("was killed by signal {signal} ({name}){by}")
+        }
+        (None, Some(code)) => format!("exited with status {code} without an answer"),
+        (None, None) => "ended without an answer".to_owned(),
+    };
+    JobError::Died { how, detail }
+}

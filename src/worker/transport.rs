@@ -1,0 +1,308 @@
+//! The worker's bounds on what clients can hold: connections, handshakes, request bodies and the
+//! one proving slot, so that memory and descriptors depend on configuration, not on clients.
+//!
+//! - [`incoming`] accepts connections: a connection must send its first byte within
+//!   `handshake_timeout`; at most `max_connections` wait for that (a new one pushes out the
+//!   oldest waiting) and at most `max_connections` are served; accept errors (out of descriptors)
+//!   pause the loop instead of spinning.
+//! - [`AdmissionLayer`] sits in front of every service: a `Prove` call that finds the worker busy
+//!   is answered `RESOURCE_EXHAUSTED` from its headers, before its body is read; the one admitted
+//!   takes the slot with it ([`Admission`]); every request body must arrive whole within
+//!   `request_timeout`.
+//! - HTTP/2 itself is bounded in [`super::serve`]: streams per connection, windows, keepalive.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::time::Sleep;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+use tracing::{debug, info, warn};
+
+use super::{Worker, WorkerError};
+use crate::config::Bounds;
+
+/// The gRPC path whose calls take the proving slot.
+const PROVE_PATH: &str = "/remote_prover.Api/Prove";
+
+// CONNECTIONS
+// ================================================================================================
+
+/// Bytes a connection must send within `handshake_timeout` to be served on: the HTTP/2
+/// connection preface is 24 bytes, and an HTTP/1.1 request line for gRPC-web is longer.
+const HANDSHAKE_BYTES: usize = 24;
+
+/// A served connection; its permit counts it against `max_connections` until it closes. Until
+/// it has sent [`HANDSHAKE_BYTES`], reads fail once `handshake_timeout` has passed, so one byte
+/// and silence do not hold a served connection.
+pub struct Conn {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+    handshake: Option<(usize, Pin<Box<Sleep>>)>,
+}
+
+impl Connected for Conn {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Some((seen, deadline)) = &mut this.handshake {
+            *seen += buf.filled().len() - before;
+            if *seen >= HANDSHAKE_BYTES {
+                this.handshake = None;
+            } else if read.is_pending() && deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the connection did not complete its handshake within handshake_timeout",
+                )));
+            }
+        }
+        read
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// The connections of `listener` that sent their first byte in time, within `bounds`. The accept
+/// loop ends when the returned stream is dropped.
+pub fn incoming(listener: TcpListener, bounds: Bounds) -> ReceiverStream<std::io::Result<Conn>> {
+    let (tx, rx) = mpsc::channel(bounds.max_connections.max(1));
+    tokio::spawn(accept_loop(listener, bounds, tx));
+    ReceiverStream::new(rx)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    bounds: Bounds,
+    served: mpsc::Sender<std::io::Result<Conn>>,
+) {
+    let open = Arc::new(Semaphore::new(bounds.max_connections));
+    // Connections still waiting for their first byte, oldest first, each with its eviction.
+    let mut waiting: VecDeque<oneshot::Sender<()>> = VecDeque::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = served.closed() => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(err) => {
+                // EMFILE and friends: pause rather than spin on a listener that stays readable.
+                warn!(error = %err, "cannot accept a connection; pausing accepts for 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        waiting.retain(|evict| !evict.is_closed());
+        if waiting.len() >= bounds.max_connections
+            && let Some(oldest) = waiting.pop_front()
+        {
+            let _ = oldest.send(());
+        }
+        let (evict, evicted) = oneshot::channel();
+        waiting.push_back(evict);
+        let (open, served) = (Arc::clone(&open), served.clone());
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + bounds.handshake_timeout;
+            let mut first = [0u8; 1];
+            tokio::select! {
+                first = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => {
+                    if !matches!(first, Ok(Ok(1..))) {
+                        debug!("closing a connection that sent nothing within handshake_timeout");
+                        return;
+                    }
+                }
+                _ = evicted => {
+                    debug!("closing a silent connection to make room for a newer one");
+                    return;
+                }
+            }
+            let Ok(permit) = open.try_acquire_owned() else {
+                debug!(
+                    max_connections = bounds.max_connections,
+                    "refusing a connection: max_connections are open"
+                );
+                return;
+            };
+            let handshake = Some((0, Box::pin(tokio::time::sleep_until(deadline))));
+            let _ = served.send(Ok(Conn { stream, _permit: permit, handshake })).await;
+        });
+    }
+}
+
+// REQUESTS
+// ================================================================================================
+
+/// The proving slot taken for a `Prove` call when its headers arrived, handed to the handler in
+/// the request's extensions. (Extensions must be `Clone`, hence the shared cell.)
+#[derive(Clone)]
+pub struct Admission(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+
+impl Admission {
+    /// The slot, once.
+    pub fn take(self) -> Option<OwnedSemaphorePermit> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+    }
+}
+
+/// Applies [`Bounds`] to every request before a service reads it.
+#[derive(Clone)]
+pub struct AdmissionLayer {
+    worker: Worker,
+}
+
+impl AdmissionLayer {
+    /// Admission to `worker`.
+    pub fn new(worker: Worker) -> Self {
+        AdmissionLayer { worker }
+    }
+}
+
+impl<S> tower::Layer<S> for AdmissionLayer {
+    type Service = AdmissionService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AdmissionService { inner, worker: self.worker.clone() }
+    }
+}
+
+/// See [`AdmissionLayer`].
+#[derive(Clone)]
+pub struct AdmissionService<S> {
+    inner: S,
+    worker: Worker,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for AdmissionService<S>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let bounds = self.worker.inner.bounds;
+        let (mut parts, body) = request.into_parts();
+        if parts.uri.path() == PROVE_PATH {
+            let Some(permit) = self.worker.try_admit() else {
+                // Debug only: a flood of these must not become a flood of log lines.
+                debug!(outcome = "busy", "request refused before its body was read");
+                let status = WorkerError::Busy.into_status();
+                return Box::pin(async move { Ok(status.into_http()) });
+            };
+            parts.extensions.insert(Admission(Arc::new(Mutex::new(Some(permit)))));
+        }
+        let body = tonic::body::Body::new(Deadline::new(body, bounds.request_timeout));
+        let request = http::Request::from_parts(parts, body);
+        // The inner service was polled ready; the clone takes its place (tower's usual dance).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move { inner.call(request).await })
+    }
+}
+
+/// A request body that fails when it has not ended by its deadline.
+struct Deadline {
+    inner: tonic::body::Body,
+    timeout: Duration,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl Deadline {
+    fn new(inner: tonic::body::Body, timeout: Duration) -> Self {
+        Deadline { inner, timeout, sleep: Box::pin(tokio::time::sleep(timeout)) }
+    }
+}
+
+impl Body for Deadline {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        match self.sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                let err = WorkerError::RequestTimeout(self.timeout);
+                info!(outcome = err.outcome(), "request refused: {err}");
+                Poll::Ready(Some(Err(err.into_status())))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,559 @@
+//! Hostile input against real worker processes: crafted payloads, inputs that crash or exhaust
+//! the prover, cancelled proofs, stream floods, silent connections and stalled uploads. Memory,
+//! descriptors and child processes are read from `/proc` while the attack holds.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use miden_objects::batch::ProvenBatch;
+use miden_objects::block::ProvenBlock;
+use miden_objects::utils::{Deserializable, Serializable};
+use miden_proving_service::proto::{ProofRequest, ProofType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tonic::Code;
+
+use crate::support::fixtures::sample_transactions;
+use crate::support::{Daemon, Launch, START_TIMEOUT, hostile};
+
+/// Generous bound for one real transaction proof on a loaded 2-core machine.
+const PROOF_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The 9-byte payload that aborted upstream's batch and block workers: a vint announcing 2^40
+/// elements for the first `Vec`.
+const NINE_BYTE_BOMB: [u8; 9] = [0, 0, 0, 0, 0, 0, 1, 0, 0];
+
+fn request(kind: ProofType, payload: Vec<u8>) -> ProofRequest {
+    ProofRequest { proof_type: kind.into(), payload }
+}
+
+/// A worker for `kind` with `settings` (TOML lines) in its file.
+async fn worker_with(kind: &str, settings: &str) -> Daemon {
+    let launch = Launch::worker(kind);
+    std::fs::write(launch.dir.path().join("worker.toml"), settings).expect("worker.toml");
+    launch.start().await
+}
+
+// /proc
+// ================================================================================================
+
+/// `VmRSS` of `pid` in KiB.
+pub fn rss_kib(pid: i32) -> u64 {
+    status_field(pid, "VmRSS:").unwrap_or_else(|| panic!("no VmRSS for {pid}"))
+}
+
+fn status_field(pid: i32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.trim().strip_suffix(" kB")?.parse().ok())
+}
+
+/// Open descriptors of `pid`.
+pub fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).expect("read fds").count()
+}
+
+/// The child processes of `pid` (over all its threads).
+fn children(pid: i32) -> HashSet<i32> {
+    let mut found = HashSet::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks").flatten() {
+        if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
+            found.extend(list.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        }
+    }
+    found
+}
+
+fn alive(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+// PAYLOADS
+// ================================================================================================
+
+#[tokio::test]
+async fn bombs_are_refused_precisely_and_each_worker_then_proves() {
+    let sample = sample_transactions(1).await.expect("sample transaction");
+    let tx_worker = Launch::worker("transaction").start().await;
+    let batch_worker = Launch::worker("batch").start().await;
+    let block_worker = Launch::worker("block").start().await;
+
+    // A real transaction with one length field inflated to 2^40.
+    let inflated = hostile::inflated_length_transaction(&sample.inputs[0]);
+    let mut api = tx_worker.api().await;
+    let err = api.prove(request(ProofType::Transaction, inflated)).await.expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("not a valid TransactionInputs"), "{}", err.message());
+    assert!(
+        err.message().contains("a MAST forest announces 1099511627776 procedure roots"),
+        "{}",
+        err.message()
+    );
+    let proof = api
+        .prove(request(ProofType::Transaction, sample.inputs[0].to_bytes()))
+        .await
+        .expect("the same worker proves a valid transaction")
+        .into_inner();
+    let proven = miden_objects::transaction::ProvenTransaction::read_from_bytes(&proof.payload)
+        .expect("the proof decodes");
+
+    let mut api = batch_worker.api().await;
+    let err =
+        api.prove(request(ProofType::Batch, NINE_BYTE_BOMB.to_vec())).await.expect_err("bomb");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("not a valid ProposedBatch"), "{}", err.message());
+    assert!(
+        err.message().contains("announces 1099511627776 elements but only 0 bytes"),
+        "{}",
+        err.message()
+    );
+    let batch = sample.chain.propose_transaction_batch([proven]).expect("propose a batch");
+    let proof = api
+        .prove(request(ProofType::Batch, batch.to_bytes()))
+        .await
+        .expect("the same worker proves a valid batch")
+        .into_inner();
+    let batch = ProvenBatch::read_from_bytes(&proof.payload).expect("the batch proof decodes");
+
+    let mut api = block_worker.api().await;
+    let err =
+        api.prove(request(ProofType::Block, NINE_BYTE_BOMB.to_vec())).await.expect_err("bomb");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("not a valid ProposedBlock"), "{}", err.message());
+    let block = sample.chain.propose_block([batch]).expect("propose a block");
+    let proof = api
+        .prove(request(ProofType::Block, block.to_bytes()))
+        .await
+        .expect("the same worker proves a valid block")
+        .into_inner();
+    ProvenBlock::read_from_bytes(&proof.payload).expect("the block proof decodes");
+}
+
+#[tokio::test]
+async fn a_recursing_and_a_runaway_transaction_hit_limits_and_the_worker_goes_on() {
+    let sample = sample_transactions(1).await.expect("sample transaction");
+    let recursing = hostile::recursive_account_code(&sample).await.expect("recursing input");
+    let looping = hostile::looping_account_code(&sample).await.expect("looping input");
+    // Limits a test can reach: a 2 GiB address space and 60 s per proof.
+    let worker =
+        worker_with("transaction", "prover_memory_limit = \"2GiB\"\nmax_proof_time = \"60s\"\n")
+            .await;
+    let mut api = worker.api().await;
+
+    let started = Instant::now();
+    let err = api.prove(request(ProofType::Transaction, recursing)).await.expect_err("recursion");
+    eprintln!("recursion answered after {:?}: {err:?}", started.elapsed());
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("overflowed its 64 MiB stack"), "{}", err.message());
+
+    let started = Instant::now();
+    let err = api.prove(request(ProofType::Transaction, looping)).await.expect_err("runaway loop");
+    eprintln!("runaway loop answered after {:?}: {err:?}", started.elapsed());
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("prover_memory_limit = 2048 MiB")
+            || err.message().contains("max_proof_time (1m)"),
+        "{}",
+        err.message()
+    );
+
+    assert!(alive(worker.pid), "the worker survives");
+    let proof = api
+        .prove(request(ProofType::Transaction, sample.inputs[0].to_bytes()))
+        .await
+        .expect("the worker proves its next valid request")
+        .into_inner();
+    assert!(!proof.payload.is_empty());
+
+    // With room to grow, the same loop meets max_proof_time: the worker kills its process.
+    let mut worker =
+        worker_with("transaction", "prover_memory_limit = \"16GiB\"\nmax_proof_time = \"3s\"\n")
+            .await;
+    let looping = hostile::looping_account_code(&sample).await.expect("looping input");
+    let proving = {
+        let mut api = worker.api().await;
+        tokio::spawn(async move { api.prove(request(ProofType::Transaction, looping)).await })
+    };
+    worker.notify.wait_for_status("proving transaction", PROOF_TIMEOUT).await;
+    let prover = busiest_child(worker.pid);
+    let err = proving.await.expect("join").expect_err("time limit");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("longer than max_proof_time (3s)"), "{}", err.message());
+    assert!(!alive(prover), "the prover process {prover} was killed");
+    // max_proof_time changes live: a reload lets the next valid request take its 5–10 s.
+    let config = worker.dir().join("worker.toml");
+    std::fs::write(&config, "max_proof_time = \"300s\"\n").expect("edit worker.toml");
+    let seen = worker.notify.messages().len();
+    worker.signal(nix::sys::signal::Signal::SIGHUP);
+    let reloading = worker.notify.wait_for_line("RELOADING=1", seen, START_TIMEOUT).await;
+    worker.notify.wait_for_line("READY=1", reloading, START_TIMEOUT).await;
+    let proof = worker
+        .api()
+        .await
+        .prove(request(ProofType::Transaction, sample.inputs[0].to_bytes()))
+        .await
+        .expect("and the worker proves its next valid request")
+        .into_inner();
+    assert!(!proof.payload.is_empty());
+}
+
+/// The child of `pid` using the most memory: the prover process at work (the other is the spare).
+fn busiest_child(pid: i32) -> i32 {
+    children(pid)
+        .into_iter()
+        .max_by_key(|child| status_field(*child, "VmRSS:").unwrap_or(0))
+        .expect("a prover process")
+}
+
+#[tokio::test]
+async fn distinct_large_account_code_leaves_the_worker_rss_flat() {
+    // 15 requests to warm the worker's allocator (its malloc arenas settle at a few MiB of
+    // ~0.5 MB payload buffers, later under load), then the 20 measured.
+    const WARM_UP: usize = 15;
+    let payloads = hostile::distinct_large_code_requests(WARM_UP + 20).await.expect("payloads");
+    let worker = Launch::worker("transaction").start().await;
+    let mut api = worker.api().await;
+    let mut rss = Vec::new();
+    for payload in payloads {
+        let len = payload.len();
+        // Decoded, loaded into the prover's MAST store and executed until the script's assert.
+        let answer = api.prove(request(ProofType::Transaction, payload)).await;
+        assert!(
+            matches!(&answer, Err(status) if status.code() == Code::Internal
+                && status.message().contains("transaction proving failed")),
+            "{answer:?}"
+        );
+        rss.push(rss_kib(worker.pid));
+        eprintln!(
+            "RssAnon {:?} RssFile {:?}",
+            status_field(worker.pid, "RssAnon:"),
+            status_field(worker.pid, "RssFile:")
+        );
+        eprintln!(
+            "payload {len} bytes: {:?}; worker VmRSS {} KiB",
+            answer.map(|_| ()),
+            rss[rss.len() - 1]
+        );
+    }
+    // Before the change to prover processes, each such request pinned its code in the worker for
+    // good (+47 MB a request with a large advice map). Now: flat within 10 % over the 20.
+    let (first, last) = (rss[WARM_UP - 1], rss[rss.len() - 1]);
+    assert!(last * 10 <= first * 11, "worker RSS grew from {first} KiB to {last} KiB: {rss:?}");
+}
+
+/// Writes the fuzz campaigns' seed corpus to `$MPS_FUZZ_SEEDS` (`scripts/fuzz.sh` runs it): real
+/// payloads made with `MockChain` (two transactions, a batch of one proven transaction, a block
+/// of that batch), the hostile ones above (an inflated length, self-referencing and looping
+/// account code) and each real batch and block with its first length inflated.
+#[tokio::test]
+#[ignore = "writes the fuzz seed corpus; scripts/fuzz.sh runs it with MPS_FUZZ_SEEDS=DIR"]
+async fn write_fuzz_seeds() {
+    use miden_tx::LocalTransactionProver;
+
+    fn write(dir: &std::path::Path, target: &str, name: &str, bytes: &[u8]) {
+        let dir = dir.join(target);
+        std::fs::create_dir_all(&dir).expect("seed directory");
+        std::fs::write(dir.join(name), bytes).expect("write a seed");
+        eprintln!("{target}/{name}: {} bytes", bytes.len());
+    }
+    let dir = std::env::var_os("MPS_FUZZ_SEEDS").expect("MPS_FUZZ_SEEDS names the seed directory");
+    let dir = std::path::Path::new(&dir);
+    let sample = sample_transactions(2).await.expect("sample transactions");
+
+    let tx = "decode_transaction";
+    for (i, inputs) in sample.inputs.iter().enumerate() {
+        write(dir, tx, &format!("real-{i}"), &inputs.to_bytes());
+    }
+    write(dir, tx, "inflated-roots", &hostile::inflated_length_transaction(&sample.inputs[0]));
+    let recursing = hostile::recursive_account_code(&sample).await.expect("recursing input");
+    write(dir, tx, "recursive-code", &recursing);
+    let looping = hostile::looping_account_code(&sample).await.expect("looping input");
+    write(dir, tx, "looping-code", &looping);
+
+    let proven = LocalTransactionProver::default().prove(sample.inputs[0].clone()).expect("proof");
+    let batch = sample.chain.propose_transaction_batch([proven]).expect("batch");
+    let proven_batch =
+        miden_tx_batch_prover::LocalBatchProver::new(miden_objects::MIN_PROOF_SECURITY_LEVEL)
+            .prove(batch.clone())
+            .expect("batch proof");
+    let block = sample.chain.propose_block([proven_batch]).expect("block");
+    for (target, bytes) in [("decode_batch", batch.to_bytes()), ("decode_block", block.to_bytes())]
+    {
+        write(dir, target, "real", &bytes);
+        write(dir, target, "inflated-first", &hostile::inflate_length_at(&bytes, 0));
+        write(dir, target, "bomb", &NINE_BYTE_BOMB);
+    }
+}
+
+// CANCELLATION
+// ================================================================================================
+
+#[tokio::test]
+async fn a_cancelled_proof_frees_the_worker_at_once() {
+    let sample = sample_transactions(1).await.expect("sample transaction");
+    let mut worker = Launch::worker("transaction").start().await;
+    let proving = {
+        let mut api = worker.api().await;
+        let req = request(ProofType::Transaction, sample.inputs[0].to_bytes());
+        tokio::spawn(async move { api.prove(req).await })
+    };
+    worker.notify.wait_for_status("proving transaction", PROOF_TIMEOUT).await;
+    let prover = busiest_child(worker.pid);
+    assert!(worker.worker_status().await.busy);
+
+    proving.abort();
+    let cancelled = Instant::now();
+    loop {
+        if !worker.worker_status().await.busy {
+            break;
+        }
+        assert!(cancelled.elapsed() < Duration::from_secs(5), "still busy after a cancel");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let idle_after = cancelled.elapsed();
+    eprintln!("idle {idle_after:?} after the cancel");
+    assert!(idle_after < Duration::from_millis(100), "idle only after {idle_after:?}");
+    assert!(!alive(prover), "the prover process {prover} is gone once the worker is idle");
+
+    let proof = worker
+        .api()
+        .await
+        .prove(request(ProofType::Transaction, sample.inputs[0].to_bytes()))
+        .await
+        .expect("a valid request is then proved")
+        .into_inner();
+    assert!(!proof.payload.is_empty());
+
+    // A worker that dies takes its prover processes with it (PR_SET_PDEATHSIG).
+    let seen = worker.notify.messages().len();
+    let proving = {
+        let mut api = worker.api().await;
+        let req = request(ProofType::Transaction, sample.inputs[0].to_bytes());
+        tokio::spawn(async move { api.prove(req).await })
+    };
+    let started = Instant::now();
+    while !worker.notify.messages()[seen..].iter().any(|m| m.text.contains("STATUS=proving")) {
+        assert!(started.elapsed() < PROOF_TIMEOUT, "the second proof never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let orphans = children(worker.pid);
+    assert_eq!(orphans.len(), 2, "the prover process and the spare: {orphans:?}");
+    worker.signal(nix::sys::signal::Signal::SIGKILL);
+    let killed = Instant::now();
+    while orphans.iter().any(|pid| alive(*pid)) {
+        assert!(killed.elapsed() < Duration::from_secs(5), "prover processes outlived the worker");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(proving.await.expect("join").is_err(), "no proof from a killed worker");
+}
+
+// TRANSPORT
+// ================================================================================================
+
+/// A minimal HTTP/2 client that speaks only as much as an attacker needs: the preface, an empty
+/// SETTINGS frame, and HEADERS (HPACK literals, no Huffman) / DATA frames.
+struct RawH2 {
+    stream: TcpStream,
+}
+
+impl RawH2 {
+    async fn connect(addr: std::net::SocketAddr) -> Self {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.expect("preface");
+        stream.write_all(&frame(0x4, 0, 0, &[])).await.expect("settings");
+        RawH2 { stream }
+    }
+
+    /// HEADERS of a gRPC call to `path` on `stream_id`, the stream left open.
+    fn headers(stream_id: u32, path: &str) -> Vec<u8> {
+        let mut block = vec![0x83, 0x86]; // :method POST, :scheme http (static table)
+        for (index, value) in [(4u8, path), (1, "worker"), (31, "application/grpc")] {
+            // Literal without indexing, indexed name: 4-bit prefix.
+            if index < 15 {
+                block.push(index);
+            } else {
+                block.extend([0x0f, index - 15]);
+            }
+            block.push(u8::try_from(value.len()).expect("short value"));
+            block.extend(value.as_bytes());
+        }
+        block.extend([0x00, 2]);
+        block.extend(b"te");
+        block.push(8);
+        block.extend(b"trailers");
+        frame(0x1, 0x4, stream_id, &block) // END_HEADERS, not END_STREAM
+    }
+
+    /// Reads frames for up to `wait` until stream `id` ends (HEADERS with END_STREAM: a gRPC
+    /// trailers-only answer, or RST_STREAM); returns when, or `None`.
+    async fn stream_end(&mut self, id: u32, wait: Duration) -> Option<Instant> {
+        let mut pending = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            while pending.len() >= 9 {
+                let len = u32::from_be_bytes([0, pending[0], pending[1], pending[2]]) as usize;
+                if pending.len() < 9 + len {
+                    break;
+                }
+                let (kind, flags) = (pending[3], pending[4]);
+                let stream = u32::from_be_bytes([pending[5], pending[6], pending[7], pending[8]]);
+                if stream == id && ((kind == 0x1 && flags & 0x1 != 0) || kind == 0x3) {
+                    return Some(Instant::now());
+                }
+                pending.drain(..9 + len);
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await {
+                Ok(Ok(n @ 1..)) => pending.extend_from_slice(&buf[..n]),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Reads whatever the server sends for `wait` (and discards it).
+    async fn drain(&mut self, wait: Duration) -> usize {
+        let mut total = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Ok(n @ 1..)) =
+            tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await
+        {
+            total += n;
+        }
+        total
+    }
+}
+
+fn frame(kind: u8, flags: u8, stream_id: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).expect("small frame").to_be_bytes();
+    let mut out = vec![len[1], len[2], len[3], kind, flags];
+    out.extend(stream_id.to_be_bytes());
+    out.extend(payload);
+    out
+}
+
+#[tokio::test]
+async fn stream_floods_and_silent_connections_stay_bounded() {
+    // A descriptor limit like systemd's default, and a short handshake timeout.
+    let mut launch = Launch::worker("batch");
+    // The flood's first stream takes the slot with a body that never ends: request_timeout
+    // frees it.
+    let settings = "handshake_timeout = \"5s\"\nrequest_timeout = \"2s\"\n";
+    std::fs::write(launch.dir.path().join("worker.toml"), settings).expect("worker.toml");
+    let program = launch.command.get_program().to_owned();
+    let args: Vec<_> = launch.command.get_args().map(ToOwned::to_owned).collect();
+    let mut command = std::process::Command::new("prlimit");
+    command.arg("--nofile=1024:1024").arg("--").arg(program).args(args);
+    crate::support::clean_env(&mut command);
+    launch.command = command;
+    let worker = launch.start().await;
+    let (rss_before, fds_before) = (rss_kib(worker.pid), fd_count(worker.pid));
+
+    // 50,000 never-ending Prove streams on one connection, sent as fast as the socket takes them.
+    let mut flood = RawH2::connect(worker.addr).await;
+    let mut sent = 0u32;
+    let flooding = Instant::now();
+    for chunk in 0..50u32 {
+        let mut bytes = Vec::new();
+        for i in 0..1000u32 {
+            bytes.extend(RawH2::headers(2 * (chunk * 1000 + i) + 1, "/remote_prover.Api/Prove"));
+        }
+        if flood.stream.write_all(&bytes).await.is_err() {
+            break; // the worker closed the connection (GOAWAY): also a bound
+        }
+        sent += 1000;
+        flood.drain(Duration::from_millis(1)).await;
+    }
+    eprintln!("sent {sent} streams in {:?}", flooding.elapsed());
+
+    // 1,000 connections that never send a byte, on top.
+    let mut silent = Vec::new();
+    for _ in 0..1000 {
+        match TcpStream::connect(worker.addr).await {
+            Ok(stream) => silent.push(stream),
+            Err(err) => panic!("connect {}: {err}", silent.len()),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rss_during, fds_during) = (rss_kib(worker.pid), fd_count(worker.pid));
+    eprintln!(
+        "worker during the attack: VmRSS {rss_during} KiB (before {rss_before}), {fds_during} fds \
+         (before {fds_before})"
+    );
+    // 64 served + 64 waiting connections, the listener, pipes, runtime: far below 1,000.
+    assert!(fds_during < fds_before + 2 * 64 + 16, "{fds_during} descriptors");
+    assert!(rss_during < rss_before + 64 * 1024, "RSS {rss_during} KiB");
+
+    // A valid request still gets its answer while the attack holds (the silent connections are
+    // still open), once the flood's stalled Prove has timed out.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // The newest 64 silent connections are still waiting (the older ones made room for them).
+    assert!(fd_count(worker.pid) >= fds_before + 48, "the silent connections are still held");
+    let answered = Instant::now();
+    let status = worker.worker_status().await;
+    assert_eq!(status.supported_proof_type, ProofType::Batch as i32);
+    let err = worker
+        .api()
+        .await
+        .prove(request(ProofType::Batch, NINE_BYTE_BOMB.to_vec()))
+        .await
+        .expect_err("an answer");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    eprintln!("valid requests answered in {:?} during the attack", answered.elapsed());
+    assert!(alive(worker.pid));
+
+    // The silent ones are closed after handshake_timeout.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let fds_after = fd_count(worker.pid);
+    eprintln!("{fds_after} fds after handshake_timeout");
+    assert!(fds_after < fds_before + 16, "{fds_after} descriptors after the timeout");
+    drop((silent, flood));
+}
+
+#[tokio::test]
+async fn busy_is_answered_from_the_headers_and_a_stalled_upload_times_out() {
+    let mut worker = worker_with("batch", "request_timeout = \"2s\"\n").await;
+
+    // A Prove whose body never ends takes the slot…
+    let mut stalled = RawH2::connect(worker.addr).await;
+    let mut bytes = RawH2::headers(1, "/remote_prover.Api/Prove");
+    // A gRPC message header announcing 1,000 bytes, then 10 of them.
+    bytes.extend(frame(0x0, 0, 1, &[0, 0, 0, 0x03, 0xe8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]));
+    stalled.stream.write_all(&bytes).await.expect("send");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // …so another Prove is refused as busy at once, though its own body never comes either.
+    let mut second = RawH2::connect(worker.addr).await;
+    second.stream.write_all(&RawH2::headers(1, "/remote_prover.Api/Prove")).await.expect("send");
+    let asked = Instant::now();
+    let answered = second.stream_end(1, Duration::from_secs(1)).await;
+    let answered = answered.expect("an answer to a Prove whose body was not sent");
+    eprintln!("busy answered from the headers in {:?}", answered - asked);
+    let err = worker
+        .api()
+        .await
+        .prove(request(ProofType::Batch, NINE_BYTE_BOMB.to_vec()))
+        .await
+        .expect_err("busy");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(err.message(), "Server is busy handling another request");
+
+    // After request_timeout the stalled upload is answered and lets go of the slot.
+    let ended = stalled.stream_end(1, Duration::from_secs(5)).await.expect("the stalled call ends");
+    let after = ended - asked;
+    assert!(after > Duration::from_millis(1200), "ended after only {after:?}");
+    let err = worker
+        .api()
+        .await
+        .prove(request(ProofType::Batch, NINE_BYTE_BOMB.to_vec()))
+        .await
+        .expect_err("invalid");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    worker
+        .wait_for_output(
+            "request body did not arrive whole within request_timeout",
+            Duration::from_secs(5),
+        )
+        .await;
+}
