@@ -3,8 +3,9 @@
 //! How a request flows through the worker:
 //! `bin/miden-proving-service` parses flags ([`cli`]) and loads layered settings ([`config`]) →
 //! [`worker::daemon`] starts logging ([`telemetry`]), binds, reports readiness ([`systemd`]) and
-//! handles signals → [`worker`] admits one `Prove` call at a time and runs it on a blocking thread →
-//! [`prover`], the only module that names Miden types, decodes the payload and proves it.
+//! handles signals → [`worker`] admits one `Prove` call at a time (from its headers) and hands it to
+//! a prover process of its own ([`worker::job`]) → [`prover`], the only module that names Miden
+//! types, decodes the payload (through a reader that refuses impossible lengths) and proves it.
 //!
 //! The proxy ([`proxy`]) queues requests and spreads them over workers; [`control`] lets an
 //! operator change its workers at run time (`minedctl`) over a root-only Unix socket.

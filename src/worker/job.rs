@@ -149,30 +149,38 @@ pub fn child_main(kind: ProofKind, memory_limit: u64, parent: u32) -> ExitCode {
         eprintln!("prove-job: cannot set the prover process's limits: {err}");
         return ExitCode::from(EXIT_SETUP);
     }
-    let mut stdin = std::io::stdin().lock();
-    let mut len = [0u8; 8];
-    if stdin.read_exact(&mut len).is_err() {
-        // A spare the worker no longer needs: its stdin closed before any payload.
-        return ExitCode::SUCCESS;
-    }
-    let Ok(len) = usize::try_from(u64::from_le_bytes(len)) else {
-        return ExitCode::from(EXIT_SETUP);
-    };
-    let mut payload = vec![0u8; len];
-    if let Err(err) = stdin.read_exact(&mut payload) {
-        eprintln!("prove-job: the payload did not arrive whole: {err}");
-        return ExitCode::from(EXIT_SETUP);
-    }
-    drop(stdin);
+    // The proving thread gets ready before the request comes (a spare does this while it waits):
+    // Miden's lazily decoded libraries are decoded on it, in its own malloc arena.
     let prover = std::thread::Builder::new()
         .name("prover".into())
         .stack_size(PROVER_STACK_SIZE)
-        .spawn(move || prove_to(kind, &payload, &mut std::io::stdout().lock()));
+        .spawn(move || {
+            let warm = Prover::new(kind);
+            let payload = read_payload()?;
+            prove_to(warm, &payload, &mut std::io::stdout().lock())
+        });
     match prover.map(std::thread::JoinHandle::join) {
         Ok(Ok(Ok(()))) => ExitCode::SUCCESS,
+        // A spare the worker no longer needs: its stdin closed before any payload.
+        Ok(Ok(Err(err))) if err.kind() == std::io::ErrorKind::UnexpectedEof => ExitCode::SUCCESS,
+        Ok(Ok(Err(err))) => {
+            eprintln!("prove-job: {err}");
+            ExitCode::FAILURE
+        }
         // A panic has printed its message to stderr, which the worker reads.
-        Ok(Ok(Err(_)) | Err(_)) | Err(_) => ExitCode::FAILURE,
+        Ok(Err(_)) | Err(_) => ExitCode::FAILURE,
     }
+}
+
+/// The payload on stdin: its length (u64, little-endian), then the bytes.
+fn read_payload() -> std::io::Result<Vec<u8>> {
+    let mut stdin = std::io::stdin().lock();
+    let mut len = [0u8; 8];
+    stdin.read_exact(&mut len)?;
+    let len = usize::try_from(u64::from_le_bytes(len)).map_err(std::io::Error::other)?;
+    let mut payload = vec![0u8; len];
+    stdin.read_exact(&mut payload)?;
+    Ok(payload)
 }
 
 /// Limits set before any input is read.
@@ -192,15 +200,14 @@ fn contain(memory_limit: u64, parent: u32) -> nix::Result<()> {
     blocked.thread_block()
 }
 
-/// Decodes and proves `payload`, writing the frames to `out`.
-fn prove_to(kind: ProofKind, payload: &[u8], out: &mut impl Write) -> std::io::Result<()> {
-    // Decode first: a malformed payload is refused before the prover loads its kernel.
-    let job = match crate::prover::decode(kind, payload) {
+/// Decodes and proves `payload` with `prover`, writing the frames to `out`.
+fn prove_to(mut prover: Prover, payload: &[u8], out: &mut impl Write) -> std::io::Result<()> {
+    let job = match prover.decode(payload) {
         Ok(job) => job,
         Err(err) => return write_frame(out, Frame::Invalid, error_chain(&err).as_bytes()),
     };
     write_frame(out, Frame::Subject, job.subject.as_bytes())?;
-    match Prover::new(kind).prove(job) {
+    match prover.prove(job) {
         Ok(proof) => write_frame(out, Frame::Proof, &proof),
         Err(err @ ProveError::Prove { .. }) => {
             write_frame(out, Frame::Failed, error_chain(&err).as_bytes())
@@ -340,9 +347,13 @@ impl ProverProcesses {
         };
         let answer = match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(Some(answer))) => answer,
-            Err(_elapsed) => Err(JobError::TimeLimit(limits.max_proof_time)),
+            Err(_elapsed) => {
+                reaper.kill().await;
+                Err(JobError::TimeLimit(limits.max_proof_time))
+            }
             Ok(Err(err)) => {
                 // The process sent what is not a frame: nothing it says can be trusted.
+                reaper.kill().await;
                 Err(JobError::Died {
                     how: "sent a malformed answer".to_owned(),
                     detail: err.to_string(),
@@ -355,38 +366,45 @@ impl ProverProcesses {
                     Err(classify_death(status, &words, limits.memory, decoded))
                 }
                 Ok(Err(err)) => Err(JobError::Start(err)),
-                Err(_elapsed) => Err(JobError::TimeLimit(limits.max_proof_time)),
+                Err(_elapsed) => {
+                    reaper.kill().await;
+                    Err(JobError::TimeLimit(limits.max_proof_time))
+                }
             },
         };
-        reaper.finish().await;
+        // An answer came: the slot is free at once (a client that proves one request after
+        // another must not find its worker busy), and the process, which has nothing left to do,
+        // is killed and reaped in the background (the teardown of a transaction prover's 1.4 GB
+        // takes a while). Only a proof abandoned midway holds the slot until its process is gone.
+        drop(reaper.hold.take());
+        drop(reaper);
         answer
     }
 }
 
-/// Owns a prover process and what must live until it is gone: kills and reaps it on every path,
-/// in the background when the future that owned it was dropped.
+/// Owns a prover process and what must live until it is gone. Dropped (an answer was given, or
+/// the future that owned it was dropped), it kills the process if it still runs and reaps it in
+/// the background, and only then lets go of what it held.
 struct Reaper<H: Send + 'static> {
     child: Option<Child>,
     hold: Option<H>,
 }
 
 impl<H: Send + 'static> Reaper<H> {
+    /// Kills the process and reaps it (a limit was hit: it is gone before the answer goes out).
+    /// Dropped midway, the process is still in `self`, and [`Drop`] finishes the job.
+    async fn kill(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill().await;
+        }
+        self.child = None;
+    }
+
     async fn wait(&mut self) -> std::io::Result<ExitStatus> {
         match self.child.as_mut() {
             Some(child) => child.wait().await,
             None => Err(std::io::Error::other("the prover process is gone")),
         }
-    }
-
-    /// Kills the process if it still runs (an answer was given: it has nothing left to do),
-    /// reaps it, then lets go of what it held. Dropped midway, [`Drop`] finishes the job: the
-    /// process stays in `self` until it has been reaped.
-    async fn finish(mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill().await;
-        }
-        self.child = None;
-        drop(self.hold.take());
     }
 }
 
