@@ -143,17 +143,16 @@ impl NotifySocket {
         }
     }
 
-    /// Waits for a `STATUS=` line starting with `prefix`.
+    /// Waits until the current status (the last `STATUS=` line sent) starts with `prefix`. An
+    /// earlier status that matched does not count: "queue 0/1" from before a request was queued
+    /// is not "queue 0/1" after it left.
     pub async fn wait_for_status(&mut self, prefix: &str, timeout: Duration) -> String {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if let Some(status) = self.messages().iter().rev().find_map(|m| {
-                m.text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("STATUS="))
-                    .filter(|s| s.starts_with(prefix))
-                    .map(str::to_owned)
-            }) {
+            let current = self.messages().iter().rev().find_map(|m| {
+                m.text.lines().find_map(|l| l.strip_prefix("STATUS=")).map(str::to_owned)
+            });
+            if let Some(status) = current.filter(|s| s.starts_with(prefix)) {
                 return status;
             }
             let changed = tokio::time::timeout_at(deadline, self.changed.changed()).await;
