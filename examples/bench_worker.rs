@@ -17,10 +17,14 @@ use miden_objects::MIN_PROOF_SECURITY_LEVEL;
 use miden_objects::batch::ProposedBatch;
 use miden_objects::transaction::ProvenTransaction;
 use miden_objects::utils::{Deserializable, Serializable};
+use miden_proving_service::proto::api_client::ApiClient;
 use miden_proving_service::proto::worker_status_api_client::WorkerStatusApiClient;
 use miden_proving_service::proto::{ProofRequest, ProofType};
 use miden_tx::LocalTransactionProver;
 use miden_tx_batch_prover::LocalBatchProver;
+
+/// The pause before each transaction proof, in-process and through the worker.
+const SETTLE: Duration = Duration::from_secs(1);
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -46,11 +50,16 @@ async fn main() -> anyhow::Result<()> {
     let inputs = sample.inputs[0].clone();
     let (mut local, mut remote) = (Vec::new(), Vec::new());
     for run in 1..=tx_runs {
+        // Each side starts on a quiet machine: the worker's previous prover process has been
+        // torn down and its next one is ready (both happen after an answer, off the request's
+        // path).
+        tokio::time::sleep(SETTLE).await;
         let started = Instant::now();
         LocalTransactionProver::default().prove(inputs.clone())?;
         local.push(started.elapsed());
         let request =
             ProofRequest { proof_type: ProofType::Transaction.into(), payload: inputs.to_bytes() };
+        tokio::time::sleep(SETTLE).await;
         let started = Instant::now();
         tx_api.prove(request).await?;
         remote.push(started.elapsed());
@@ -90,34 +99,13 @@ async fn main() -> anyhow::Result<()> {
     }
     let batch = sample.chain.propose_transaction_batch(proven)?;
     let payload = batch.to_bytes();
-    let (mut local, mut remote) = (Vec::new(), Vec::new());
-    for _ in 0..batch_runs {
-        let started = Instant::now();
-        LocalBatchProver::new(MIN_PROOF_SECURITY_LEVEL).prove(batch.clone())?;
-        local.push(started.elapsed());
-        let request =
-            ProofRequest { proof_type: ProofType::Batch.into(), payload: payload.clone() };
-        let started = Instant::now();
-        batch_api.prove(request).await?;
-        remote.push(started.elapsed());
-    }
-    let (batch_local, batch_remote) = (median(local), median(remote));
+    let (batch_local, batch_remote) =
+        batch_medians(&batch, &payload, &mut batch_api, batch_runs, Duration::ZERO).await?;
     // The same, 50 ms apart: what one batch sees when the worker's spare prover process has had
-    // time to start (back to back, each request waits for the spare its predecessor started).
-    let (mut local, mut remote) = (Vec::new(), Vec::new());
-    for _ in 0..batch_runs {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let started = Instant::now();
-        LocalBatchProver::new(MIN_PROOF_SECURITY_LEVEL).prove(batch.clone())?;
-        local.push(started.elapsed());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let request =
-            ProofRequest { proof_type: ProofType::Batch.into(), payload: payload.clone() };
-        let started = Instant::now();
-        batch_api.prove(request).await?;
-        remote.push(started.elapsed());
-    }
-    let (spaced_local, spaced_remote) = (median(local), median(remote));
+    // time to start (back to back, each request waits for a process that starts when it comes).
+    let (spaced_local, spaced_remote) =
+        batch_medians(&batch, &payload, &mut batch_api, batch_runs, Duration::from_millis(50))
+            .await?;
     // Context for the batch figure: what decoding and encoding alone cost, and a bare gRPC call.
     let mut codec = Vec::new();
     for _ in 0..batch_runs {
@@ -163,4 +151,29 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Proves `batch` in-process and through the worker in turn, `runs` times each with `gap` before
+/// every proof; the two medians.
+async fn batch_medians(
+    batch: &ProposedBatch,
+    payload: &[u8],
+    api: &mut ApiClient<tonic::transport::Channel>,
+    runs: usize,
+    gap: Duration,
+) -> anyhow::Result<(Duration, Duration)> {
+    let (mut local, mut remote) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        tokio::time::sleep(gap).await;
+        let started = Instant::now();
+        LocalBatchProver::new(MIN_PROOF_SECURITY_LEVEL).prove(batch.clone())?;
+        local.push(started.elapsed());
+        tokio::time::sleep(gap).await;
+        let request =
+            ProofRequest { proof_type: ProofType::Batch.into(), payload: payload.to_vec() };
+        let started = Instant::now();
+        api.prove(request).await?;
+        remote.push(started.elapsed());
+    }
+    Ok((median(local), median(remote)))
 }

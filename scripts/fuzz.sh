@@ -40,7 +40,7 @@ for target in "${targets[@]}"; do
     # 10 s is a hang.
     status=0
     (cd fuzz && cargo +nightly fuzz run -O --no-cfg-fuzzing "$target" \
-        "../$corpus" "$seeds/$target" -- \
+        "../$corpus" "$seeds/$target" "../tests/fixtures/fuzz/$target" -- \
         -max_total_time="$seconds" -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=10 \
         -max_len=1048576 -print_final_stats=1 -close_fd_mask=1) >"$log" 2>&1 || status=$?
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
@@ -48,9 +48,16 @@ for target in "${targets[@]}"; do
     # Only what this run found: earlier findings stay until they are turned into tests.
     artifacts=$(find "fuzz/artifacts/$target" -type f -newer "$since" | wc -l)
     echo "fuzz: $target: $execs executions in ${seconds}s, ${cov:-no coverage line}, corpus $(find "$corpus" -type f | wc -l) inputs, $artifacts findings (exit $status)"
+    # Panics the decoder caught (the payload is refused as malformed, as in the prover process):
+    # not findings, but their sites are worth knowing.
+    refused=$(grep -cE '^memory allocation of [0-9]+ bytes failed' "$log" || true)
+    [ "$refused" -eq 0 ] ||
+        echo "fuzz: $target:   contained allocation over the prover process's limit, $refused times"
+    grep -oE 'panicked at [^ ]+:[0-9]+:[0-9]+' "$log" | grep -v 'at src/lib.rs:' | sed -E 's#^panicked at ##; s#.*/index\.crates\.io-[^/]*/##; s#^/rustc/[0-9a-f]+/##' |
+        sort | uniq -c | sort -rn | sed "s#^ *\([0-9]*\) #fuzz: $target:   contained panic, \1 times: #" || true
     if [ "$status" -ne 0 ] || [ "$artifacts" -gt 0 ]; then
         found=1
-        grep -E '^==[0-9]+==|SUMMARY|ERROR|panicked|artifact_prefix|Test unit written' "$log" | head -20 >&2 || true
+        grep -E '^==[0-9]+==|SUMMARY|ERROR|artifact_prefix|Test unit written' "$log" | head -20 >&2 || true
         find "fuzz/artifacts/$target" -type f -newer "$since" >&2
     fi
     rm -f "$log"

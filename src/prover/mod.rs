@@ -117,23 +117,52 @@ impl Prover {
 }
 
 /// Decodes `payload` as the input of `kind` (without a prover: what the fuzz targets run).
+///
+/// Miden's decoders panic on some malformed payloads (fuzzing found an `expect` on a decoded
+/// value in `PartialBlockchain`, an assertion in winter-air's `TraceInfo::new` reached from a
+/// proof's header, a `capacity overflow` from a decoded length): that is the payload's fault like
+/// any other decoding error, and is reported as one.
 pub fn decode(kind: ProofKind, payload: &[u8]) -> Result<Job, ProveError> {
-    fn read<T: Deserializable>(payload: &[u8], input: &'static str) -> Result<T, ProveError> {
-        BoundedReader::decode::<T>(payload).map_err(|source| ProveError::Decode { input, source })
+    std::panic::catch_unwind(|| decode_unguarded(kind, payload)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_owned());
+        Err(ProveError::Decode {
+            input: input_name(kind),
+            source: DeserializationError::InvalidValue(format!("the decoder panicked: {message}")),
+        })
+    })
+}
+
+/// The Miden type a payload of `kind` holds.
+pub fn input_name(kind: ProofKind) -> &'static str {
+    match kind {
+        ProofKind::Transaction => "TransactionInputs",
+        ProofKind::Batch => "ProposedBatch",
+        ProofKind::Block => "ProposedBlock",
+    }
+}
+
+fn decode_unguarded(kind: ProofKind, payload: &[u8]) -> Result<Job, ProveError> {
+    fn read<T: Deserializable>(payload: &[u8], kind: ProofKind) -> Result<T, ProveError> {
+        BoundedReader::decode::<T>(payload)
+            .map_err(|source| ProveError::Decode { input: input_name(kind), source })
     }
     Ok(match kind {
         ProofKind::Transaction => {
-            let inputs: TransactionInputs = read(payload, "TransactionInputs")?;
+            let inputs: TransactionInputs = read(payload, kind)?;
             let subject = format!("transaction for account {}", inputs.account().id());
             Job { input: Input::Transaction(Box::new(inputs)), subject }
         }
         ProofKind::Batch => {
-            let batch: ProposedBatch = read(payload, "ProposedBatch")?;
+            let batch: ProposedBatch = read(payload, kind)?;
             let subject = format!("batch {}", batch.id());
             Job { input: Input::Batch(Box::new(batch)), subject }
         }
         ProofKind::Block => {
-            let block: ProposedBlock = read(payload, "ProposedBlock")?;
+            let block: ProposedBlock = read(payload, kind)?;
             let subject = format!("block {}", block.block_num());
             Job { input: Input::Block(Box::new(block)), subject }
         }

@@ -4,8 +4,9 @@
 //!
 //! - **One process per proof**: it proves one request and exits, so nothing a request brings
 //!   (account code pinned in the prover's MAST store, a grown heap) reaches the next one.
-//! - **A spare waits**: [`ProverProcesses`] keeps one process started ahead of time, so a batch or
-//!   block proof (milliseconds) does not pay for `exec` and start-up.
+//! - **A spare waits**: [`ProverProcesses`] keeps one process started ahead of time (at start-up
+//!   and whenever the worker's slot frees), so a batch or block proof (milliseconds) does not pay
+//!   for `exec` and start-up.
 //! - **Limits**: address space (`prover_memory_limit`, `RLIMIT_AS`), no core dumps, a large
 //!   stack for the proving thread ([`PROVER_STACK_SIZE`]), set by the process itself before it
 //!   reads a byte of input (the crate forbids the `unsafe` a `pre_exec` hook needs); a wall-clock
@@ -312,14 +313,12 @@ impl ProverProcesses {
         self.spawn()
     }
 
-    /// Proves `payload` in a prover process. `on_sent` is called once the process has the
-    /// payload (the moment to start the next spare), `on_subject` once the payload decoded, with
-    /// what is proved. `hold` (the worker's slot) is dropped once the process has been reaped,
+    /// Proves `payload` in a prover process. `on_subject` is called once the payload decoded,
+    /// with what is proved. `hold` (the worker's slot) is dropped once the process has been reaped,
     /// also when the future is dropped: that kills the process.
     pub async fn prove<H: Send + 'static>(
         &self,
         payload: &[u8],
-        on_sent: impl FnOnce(),
         on_subject: impl FnOnce(&str),
         hold: H,
     ) -> Result<Vec<u8>, JobError> {
@@ -339,7 +338,6 @@ impl ProverProcesses {
             // A write that fails means the process died: its exit status says how.
             if stdin.write_all(&len).await.is_ok() && stdin.write_all(payload).await.is_ok() {
                 drop(stdin);
-                on_sent();
                 read_answer(&mut stdout, on_subject, &mut decoded).await
             } else {
                 Ok(None)
@@ -363,7 +361,7 @@ impl ProverProcesses {
             Ok(Ok(None)) => match tokio::time::timeout_at(deadline, reaper.wait()).await {
                 Ok(Ok(status)) => {
                     let words = last_words.await.unwrap_or_default();
-                    Err(classify_death(status, &words, limits.memory, decoded))
+                    Err(classify_death(self.kind, status, &words, limits.memory, decoded))
                 }
                 Ok(Err(err)) => Err(JobError::Start(err)),
                 Err(_elapsed) => {
@@ -477,7 +475,13 @@ async fn tail(mut stream: impl AsyncRead + Unpin) -> String {
 /// before an abort (SIGABRT): "thread '…' has overflowed its stack", "memory allocation of N
 /// bytes failed". An allocation that failed before the payload had decoded was announced by the
 /// payload: a malformed input, not one that needs more memory.
-fn classify_death(status: ExitStatus, last_words: &str, memory: u64, decoded: bool) -> JobError {
+fn classify_death(
+    kind: ProofKind,
+    status: ExitStatus,
+    last_words: &str,
+    memory: u64,
+    decoded: bool,
+) -> JobError {
     // One line for the client: the panic or abort message, not a backtrace hint.
     let detail = last_words
         .lines()
@@ -498,8 +502,10 @@ fn classify_death(status: ExitStatus, last_words: &str, memory: u64, decoded: bo
     if let Some(bytes) = allocation.filter(|_| aborted) {
         if !decoded {
             return JobError::Invalid(format!(
-                "the payload announces a {bytes}-byte allocation while it is decoded (more than \
-                 the prover process's {} MiB); it is not a valid input",
+                "payload is not a valid {}: it announces a {bytes}-byte allocation while it is \
+                 decoded, which the prover process's address space (prover_memory_limit = {} MiB) \
+                 could not give",
+                crate::prover::input_name(kind),
                 memory >> 20
             ));
         }

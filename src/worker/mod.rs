@@ -33,6 +33,10 @@ pub use crate::proto::MAX_MESSAGE_SIZE;
 /// another worker", as the proxy reads it.
 pub const BUSY_MESSAGE: &str = "Server is busy handling another request";
 
+/// How long after the slot frees the next spare prover process starts: time for the answer to
+/// leave first (started at once, the process took 0.5 ms from a batch's answer on 2 cores).
+const SPARE_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// The answer to a `Prove` call that is not a proof.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -157,11 +161,19 @@ impl Worker {
         self.prepare();
     }
 
-    /// Starts a spare prover process in the background, so the next request does not wait for
-    /// one.
+    /// Starts a spare prover process in the background, [`SPARE_DELAY`] from now, so the next
+    /// request does not wait for one. It is called when the slot frees, not while a proof runs:
+    /// a starting process (exec, then Miden's kernel and library decoded: about 8.5 ms of CPU)
+    /// takes CPU from the proof, and from the answer on its way out, on a small machine. A request
+    /// that comes before the spare does starts a process of its own.
     fn prepare(&self) {
         let worker = self.clone();
-        tokio::spawn(async move { worker.inner.processes.prepare() });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                tokio::time::sleep(SPARE_DELAY).await;
+                worker.inner.processes.prepare();
+            });
+        }
     }
 
     /// The worker's slot if it is free: one proof at a time.
@@ -220,7 +232,6 @@ impl Worker {
             .processes
             .prove(
                 &request.payload,
-                || self.prepare(),
                 |subject| {
                     span.record("subject", subject);
                     self.set_status(format!("proving {subject}"));
@@ -252,6 +263,7 @@ impl Drop for Idle {
     fn drop(&mut self) {
         self.worker.inner.served.fetch_add(1, Ordering::Relaxed);
         self.worker.set_status("idle".to_owned());
+        self.worker.prepare();
     }
 }
 
