@@ -4,7 +4,8 @@
 # after another (default: all three). Seeds are real MockChain payloads (the ignored test
 # hostile::write_fuzz_seeds);
 # the corpus grows in target/fuzz-corpus. Prints, per target, executions, coverage and findings;
-# exits 1 when any target found a crash, an abort, a leak, an allocation over the limit or a
+# MPS_FUZZ_RUNS=N ends a target after N executions instead, when that comes first. Exits 1
+# when any target found a crash, an abort, a leak, an allocation over the limit or a
 # hang (saved in fuzz/artifacts/TARGET, to become a regression test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,13 +36,14 @@ for target in "${targets[@]}"; do
     corpus=target/fuzz-corpus/$target
     mkdir -p "$corpus" "fuzz/artifacts/$target"
     log=$(mktemp)
-    # rss/malloc limits: a decode that reserves more than 2 GiB is a finding (the prover process
-    # would abort there; our reader exists to refuse such lengths first). A unit slower than
-    # 10 s is a hang.
+    # Limits: memory a decode really uses beyond 2 GiB is a finding; a single allocation over
+    # 2 GiB is refused as the prover process's address-space limit would (fuzz/src/lib.rs), so
+    # -malloc_limit_mb, above it, never fires before that refusal. A unit slower than 10 s is a
+    # hang.
     status=0
     (cd fuzz && cargo +nightly fuzz run -O --no-cfg-fuzzing "$target" \
         "../$corpus" "$seeds/$target" "../tests/fixtures/fuzz/$target" -- \
-        -max_total_time="$seconds" -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=10 \
+        -max_total_time="$seconds" ${MPS_FUZZ_RUNS:+-runs=$MPS_FUZZ_RUNS} -rss_limit_mb=2048 -malloc_limit_mb=4096 -timeout=10 \
         -max_len=1048576 -print_final_stats=1 -close_fd_mask=1) >"$log" 2>&1 || status=$?
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
     cov=$(grep -oE '(cov|ft): [0-9]+' "$log" | tail -2 | tr '\n' ' ' || true)
