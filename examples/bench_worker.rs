@@ -84,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
         let started = Instant::now();
         let answer = tx_api.prove(request).await;
         busy.push(started.elapsed());
-        let code = answer.map(|_| tonic::Code::Ok).unwrap_or_else(|status| status.code());
+        let code = answer.map_or_else(|status| status.code(), |_| tonic::Code::Ok);
         assert_eq!(code, tonic::Code::ResourceExhausted, "the second request must be refused");
         first.await??;
     }

@@ -56,7 +56,7 @@ impl<'a> BoundedReader<'a> {
         self.bytes.len() - self.pos
     }
 
-    fn invalid(&self, what: String) -> DeserializationError {
+    fn invalid(&self, what: &str) -> DeserializationError {
         DeserializationError::InvalidValue(format!("at byte {}: {what}", self.pos))
     }
 
@@ -69,7 +69,7 @@ impl<'a> BoundedReader<'a> {
             _ => return Ok(()),
         };
         if value > bound {
-            return Err(self.invalid(format!(
+            return Err(self.invalid(&format!(
                 "a MAST forest announces {value} {name}; at most {bound} are accepted here"
             )));
         }
@@ -147,7 +147,7 @@ impl ByteReader for BoundedReader<'_> {
         num_elements: usize,
     ) -> Result<Vec<D>, DeserializationError> {
         if num_elements > self.remaining() {
-            return Err(self.invalid(format!(
+            return Err(self.invalid(&format!(
                 "a sequence announces {num_elements} elements but only {} bytes are left",
                 self.remaining()
             )));

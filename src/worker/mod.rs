@@ -315,7 +315,7 @@ impl WorkerStatusApi for Worker {
 }
 
 /// HTTP/2 flow-control window of a stream: a whole batch (≈ 170 KB) or transaction arrives
-/// without waiting for a WINDOW_UPDATE round trip (HTTP/2's default is 64 KiB).
+/// without waiting for a `WINDOW_UPDATE` round trip (HTTP/2's default is 64 KiB).
 const STREAM_WINDOW: u32 = 2 << 20;
 
 /// HTTP/2 flow-control window of a connection: what one connection can make the worker buffer.

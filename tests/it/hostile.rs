@@ -428,8 +428,8 @@ impl RawH2 {
         frame(0x1, 0x4, stream_id, &block) // END_HEADERS, not END_STREAM
     }
 
-    /// Reads frames for up to `wait` until stream `id` ends (HEADERS with END_STREAM: a gRPC
-    /// trailers-only answer, or RST_STREAM); returns when, or `None`.
+    /// Reads frames for up to `wait` until stream `id` ends (HEADERS with `END_STREAM`: a gRPC
+    /// trailers-only answer, or `RST_STREAM`); returns when, or `None`.
     async fn stream_end(&mut self, id: u32, wait: Duration) -> Option<Instant> {
         let mut pending = Vec::new();
         let mut buf = vec![0u8; 1 << 16];
@@ -530,7 +530,7 @@ async fn stream_floods_and_silent_connections_stay_bounded() {
 
     // A valid request still gets its answer while the attack holds (the silent connections are
     // still open), once the flood's stalled Prove has timed out.
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     // The newest 64 silent connections are still waiting (the older ones made room for them).
     assert!(fd_count(worker.pid) >= fds_before + 48, "the silent connections are still held");
     let answered = Instant::now();

@@ -180,7 +180,7 @@ pub struct Daemon {
     /// Bumped for every output line.
     output_changed: tokio::sync::watch::Receiver<usize>,
     /// Keeps the notify socket's directory alive.
-    pub _dir: TempDir,
+    pub dir: TempDir,
 }
 
 /// How to start a daemon.
@@ -335,7 +335,7 @@ impl Launch {
         };
         let pid = notify.messages()[ready].pid;
         let addr = *listening_addrs(pid).first().expect("a ready daemon listens on a TCP port");
-        Daemon { child, pid, addr, notify, output, output_changed, _dir: dir }
+        Daemon { child, pid, addr, notify, output, output_changed, dir }
     }
 }
 
@@ -366,7 +366,7 @@ async fn wait_exit(child: &mut Child) -> ExitStatus {
 impl Daemon {
     /// The directory of its notify socket and of the files its test wrote (`worker.toml`).
     pub fn dir(&self) -> &Path {
-        self._dir.path()
+        self.dir.path()
     }
 
     /// `http://ADDR` for gRPC clients.
