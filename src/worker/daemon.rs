@@ -118,6 +118,7 @@ async fn serve_until_stopped(
             "grace period over; abandoning the proof in flight (its client gets no answer)"
         ),
     }
+    worker.shutdown().await;
     Ok(())
 }
 

@@ -26,7 +26,8 @@ use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitCode, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{SigSet, Signal};
@@ -241,6 +242,10 @@ pub struct ProverProcesses {
     kind: ProofKind,
     limits: Mutex<Limits>,
     spare: Mutex<Option<Spawned>>,
+    /// Processes killed after their answer and still being reaped in the background.
+    reaping: Arc<AtomicUsize>,
+    /// Set by [`ProverProcesses::shutdown`]: no spare starts any more.
+    closed: AtomicBool,
 }
 
 impl ProverProcesses {
@@ -250,7 +255,14 @@ impl ProverProcesses {
         // prover process must speak this worker's protocol and prove with its Miden version.
         let exe = PathBuf::from("/proc/self/exe");
         std::fs::metadata(&exe)?;
-        Ok(ProverProcesses { exe, kind, limits: Mutex::new(limits), spare: Mutex::new(None) })
+        Ok(ProverProcesses {
+            exe,
+            kind,
+            limits: Mutex::new(limits),
+            spare: Mutex::new(None),
+            reaping: Arc::new(AtomicUsize::new(0)),
+            closed: AtomicBool::new(false),
+        })
     }
 
     /// The limits in force.
@@ -269,11 +281,25 @@ impl ProverProcesses {
     /// threads live as long as the worker (a blocking-pool thread ends after 10 s idle).
     pub fn prepare(&self) {
         let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if spare.is_none() {
+        if spare.is_none() && !self.closed.load(Ordering::SeqCst) {
             match self.spawn() {
                 Ok(spawned) => *spare = Some(spawned),
                 Err(err) => tracing::warn!(error = %err, "cannot start a spare prover process"),
             }
+        }
+    }
+
+    /// The worker is stopping: kills and reaps the spare, and waits (at most `wait`) for the
+    /// processes still being reaped, so none is left for systemd to kill after the worker exits.
+    pub async fn shutdown(&self, wait: Duration) {
+        self.closed.store(true, Ordering::SeqCst);
+        let spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(Spawned { mut child }) = spare {
+            let _ = child.kill().await;
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        while self.reaping.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -329,7 +355,8 @@ impl ProverProcesses {
         else {
             return Err(JobError::Start(std::io::Error::other("a pipe is missing")));
         };
-        let mut reaper = Reaper { child: Some(child), hold: Some(hold) };
+        let mut reaper =
+            Reaper { child: Some(child), hold: Some(hold), reaping: Arc::clone(&self.reaping) };
         let last_words = tokio::spawn(tail(stderr));
         let deadline = tokio::time::Instant::now() + limits.max_proof_time;
         let mut decoded = false;
@@ -386,6 +413,7 @@ impl ProverProcesses {
 struct Reaper<H: Send + 'static> {
     child: Option<Child>,
     hold: Option<H>,
+    reaping: Arc<AtomicUsize>,
 }
 
 impl<H: Send + 'static> Reaper<H> {
@@ -411,8 +439,11 @@ impl<H: Send + 'static> Drop for Reaper<H> {
         let (Some(mut child), hold) = (self.child.take(), self.hold.take()) else { return };
         let _ = child.start_kill();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let reaping = Arc::clone(&self.reaping);
+            reaping.fetch_add(1, Ordering::SeqCst);
             runtime.spawn(async move {
                 let _ = child.wait().await;
+                reaping.fetch_sub(1, Ordering::SeqCst);
                 drop(hold);
             });
         }

@@ -186,6 +186,12 @@ impl Worker {
         self.inner.slot.available_permits() == 0
     }
 
+    /// The server has stopped: no spare prover process is left behind, and those killed after
+    /// their answer are reaped (at most 5 s), so the unit's cgroup empties with the worker.
+    pub async fn shutdown(&self) {
+        self.inner.processes.shutdown(std::time::Duration::from_secs(5)).await;
+    }
+
     /// Refuse new work from now on (SIGTERM); the proof in flight continues.
     pub fn stop_accepting(&self) {
         self.inner.accepting.store(false, Ordering::SeqCst);
