@@ -186,6 +186,30 @@ impl WorkerSettings {
     }
 }
 
+/// The proxy's bounds on what clients hold (settings of the same names; all live on reload).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientBounds {
+    /// Largest `Prove` request, in bytes.
+    pub max_request_size: usize,
+    /// How long a request's body may take to arrive whole.
+    pub request_timeout: Duration,
+    /// How long a new connection may take to show its protocol, and any HTTP/1 request its
+    /// headers.
+    pub handshake_timeout: Duration,
+    /// How long an HTTP/2 connection with no request may stay open.
+    pub idle_timeout: Duration,
+    /// Connections open at once, all listeners together.
+    pub max_connections: usize,
+    /// Connections open at once from one client (an IPv4 address, an IPv6 prefix); trusted
+    /// forwarders are exempt.
+    pub max_connections_per_client: usize,
+    /// Request bytes held at once, all clients together (bodies being received, queued or
+    /// being proved).
+    pub max_buffered: usize,
+    /// Request bytes held at once for one client.
+    pub max_buffered_per_client: usize,
+}
+
 /// Values given on the command line; `None` leaves the lower layers in force.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct WorkerFlags {
@@ -278,6 +302,10 @@ pub const DEFAULT_PROXY_CONFIG: &str = "/etc/miden-prover-proxy/proxy.toml";
 /// `RuntimeDirectory=miden-prover-proxy` makes its directory, mode 0700.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/miden-prover-proxy/control.sock";
 
+/// Where the proxy keeps the workers added at run time unless `state_file` says otherwise;
+/// systemd's `StateDirectory=miden-prover-proxy` makes its directory, mode 0700.
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/miden-prover-proxy/workers";
+
 /// The proxy's built-in defaults (upstream's where it had one); every key the file accepts.
 #[derive(Serialize)]
 struct ProxyDefaults {
@@ -292,13 +320,25 @@ struct ProxyDefaults {
     max_queue_items: usize,
     max_queue_wait: &'static str,
     max_retries_per_request: u32,
+    poison_ttl: &'static str,
     max_req_per_sec: u32,
+    rate_limit_ipv6_prefix: u8,
+    trusted_forwarders: Vec<String>,
+    max_request_size: &'static str,
+    request_timeout: &'static str,
+    handshake_timeout: &'static str,
+    idle_timeout: &'static str,
+    max_connections: usize,
+    max_connections_per_client: usize,
+    max_buffered: &'static str,
+    max_buffered_per_client: &'static str,
     health_check_interval: &'static str,
     health_check_timeout: &'static str,
     grace_period: &'static str,
     graceful_shutdown_timeout: &'static str,
     log_filter: &'static str,
     control_socket: &'static str,
+    state_file: &'static str,
 }
 
 const PROXY_DEFAULTS: ProxyDefaults = ProxyDefaults {
@@ -313,13 +353,27 @@ const PROXY_DEFAULTS: ProxyDefaults = ProxyDefaults {
     max_queue_items: 10,
     max_queue_wait: "100s",
     max_retries_per_request: 1,
+    poison_ttl: "1h",
     max_req_per_sec: 5,
+    rate_limit_ipv6_prefix: 64,
+    trusted_forwarders: Vec::new(),
+    // The worker's own defaults: a transaction is ≈ 109 KB, a full block a few megabytes.
+    max_request_size: "16MiB",
+    request_timeout: "30s",
+    handshake_timeout: "10s",
+    idle_timeout: "60s",
+    // Below the units' LimitNOFILE=65536, with room for worker connections and the journal.
+    max_connections: 16_384,
+    max_connections_per_client: 64,
+    max_buffered: "256MiB",
+    max_buffered_per_client: "32MiB",
     health_check_interval: "10s",
     health_check_timeout: "2s",
     grace_period: "20s",
     graceful_shutdown_timeout: "5s",
     log_filter: "info",
     control_socket: DEFAULT_CONTROL_SOCKET,
+    state_file: DEFAULT_STATE_FILE,
 };
 
 const PROXY_KEYS: &[&str] = &[
@@ -334,13 +388,25 @@ const PROXY_KEYS: &[&str] = &[
     "max_queue_items",
     "max_queue_wait",
     "max_retries_per_request",
+    "poison_ttl",
     "max_req_per_sec",
+    "rate_limit_ipv6_prefix",
+    "trusted_forwarders",
+    "max_request_size",
+    "request_timeout",
+    "handshake_timeout",
+    "idle_timeout",
+    "max_connections",
+    "max_connections_per_client",
+    "max_buffered",
+    "max_buffered_per_client",
     "health_check_interval",
     "health_check_timeout",
     "grace_period",
     "graceful_shutdown_timeout",
     "log_filter",
     "control_socket",
+    "state_file",
 ];
 
 /// Validated proxy settings.
@@ -368,8 +434,18 @@ pub struct ProxySettings {
     pub max_queue_wait: Duration,
     /// Further attempts on other workers after a worker failed, was busy or died.
     pub max_retries_per_request: u32,
+    /// How long a request whose content (proof type and payload) took down two workers is
+    /// refused at once; zero turns the refusal off (the per-request cap of one retry after a
+    /// worker died stays).
+    pub poison_ttl: Duration,
     /// Requests per second one client IP may make; more get `RESOURCE_EXHAUSTED`.
     pub max_req_per_sec: u32,
+    /// IPv6 clients are limited by this prefix of their address (64: one host's allocation).
+    pub rate_limit_ipv6_prefix: u8,
+    /// Load balancers whose `X-Forwarded-For` names the client (addresses or prefixes).
+    pub trusted_forwarders: Vec<crate::proxy::limit::Network>,
+    /// What clients may hold of the proxy: connections, buffered bodies, time.
+    pub client_bounds: ClientBounds,
     /// How often every worker's health is checked.
     pub health_check_interval: Duration,
     /// How long one health check may take.
@@ -382,6 +458,9 @@ pub struct ProxySettings {
     pub log_filter: String,
     /// The root-only Unix socket `minedctl` talks to; `None` (set to "") runs without one.
     pub control_socket: Option<PathBuf>,
+    /// Where the workers added at run time are kept across restarts; `None` (set to "") forgets
+    /// them at every stop.
+    pub state_file: Option<PathBuf>,
 }
 
 /// Values given on the command line; `None` leaves the lower layers in force.
@@ -442,16 +521,40 @@ impl ProxyConfigSource {
         let max_queue_items = check.get::<usize>("max_queue_items");
         let max_queue_wait = check.duration("max_queue_wait");
         let max_retries_per_request = check.get::<u32>("max_retries_per_request");
+        let poison_ttl = check.duration("poison_ttl");
         let max_req_per_sec = check.get::<u32>("max_req_per_sec");
+        let rate_limit_ipv6_prefix = check.get::<u8>("rate_limit_ipv6_prefix").and_then(|p| {
+            if (1..=128).contains(&p) {
+                Some(p)
+            } else {
+                let origin = check.origin("rate_limit_ipv6_prefix");
+                check.problems.push(format!("{origin}: must be 1 to 128, not {p}"));
+                None
+            }
+        });
+        let client_bounds = proxy_client_bounds(&mut check);
+        let trusted_forwarders = check.get::<Vec<String>>("trusted_forwarders").and_then(|list| {
+            let mut networks = Vec::new();
+            for text in &list {
+                match text.parse() {
+                    Ok(network) => networks.push(network),
+                    Err(err) => {
+                        let origin = check.origin("trusted_forwarders");
+                        check.problems.push(format!("{origin}: {err}"));
+                    }
+                }
+            }
+            (networks.len() == list.len()).then_some(networks)
+        });
         let health_check_interval = check.duration("health_check_interval");
         let health_check_timeout = check.duration("health_check_timeout");
         let grace_period = check.duration("grace_period");
         let graceful_shutdown_timeout = check.duration("graceful_shutdown_timeout");
         let log_filter = check.log_filter("log_filter");
-        let control_socket = check.parse("control_socket", |s: String| match s.as_str() {
-            "" => Ok(None),
-            path if path.starts_with('/') => Ok(Some(PathBuf::from(path))),
-            path => Err(format!("`{path}` is not an absolute path (\"\" turns the socket off)")),
+        let control_socket =
+            check.parse("control_socket", |s: String| absolute_or_off(&s, "the socket"));
+        let state_file = check.parse("state_file", |s: String| {
+            absolute_or_off(&s, "keeping run-time workers across restarts")
         });
         check.finish()?;
         Ok(ProxySettings {
@@ -466,15 +569,67 @@ impl ProxyConfigSource {
             max_queue_items: max_queue_items.unwrap_or_else(missing),
             max_queue_wait: max_queue_wait.unwrap_or_else(missing),
             max_retries_per_request: max_retries_per_request.unwrap_or_else(missing),
+            poison_ttl: poison_ttl.unwrap_or_else(missing),
             max_req_per_sec: max_req_per_sec.unwrap_or_else(missing),
+            rate_limit_ipv6_prefix: rate_limit_ipv6_prefix.unwrap_or_else(missing),
+            trusted_forwarders: trusted_forwarders.unwrap_or_else(missing),
+            client_bounds: client_bounds.unwrap_or_else(missing),
             health_check_interval: health_check_interval.unwrap_or_else(missing),
             health_check_timeout: health_check_timeout.unwrap_or_else(missing),
             grace_period: grace_period.unwrap_or_else(missing),
             graceful_shutdown_timeout: graceful_shutdown_timeout.unwrap_or_else(missing),
             log_filter: log_filter.unwrap_or_else(missing),
             control_socket: control_socket.unwrap_or_else(missing),
+            state_file: state_file.unwrap_or_else(missing),
         })
     }
+}
+
+/// An absolute path, or `None` for "": what `off` names is then turned off.
+fn absolute_or_off(value: &str, off: &str) -> Result<Option<PathBuf>, String> {
+    match value {
+        "" => Ok(None),
+        path if path.starts_with('/') => Ok(Some(PathBuf::from(path))),
+        path => Err(format!("`{path}` is not an absolute path (\"\" turns {off} off)")),
+    }
+}
+
+/// The proxy's [`ClientBounds`]; a budget below `max_request_size` could never admit a request.
+fn proxy_client_bounds(check: &mut Check<'_>) -> Option<ClientBounds> {
+    let most = crate::proto::MAX_MESSAGE_SIZE as u64;
+    let max_request_size = check.size("max_request_size", 1 << 10, most);
+    let request_timeout = check.positive_duration("request_timeout");
+    let handshake_timeout = check.positive_duration("handshake_timeout");
+    let idle_timeout = check.positive_duration("idle_timeout");
+    let max_connections = check.positive::<usize>("max_connections");
+    let max_connections_per_client = check.positive::<usize>("max_connections_per_client");
+    let max_buffered = check.size("max_buffered", 1 << 10, u64::MAX);
+    let max_buffered_per_client = check.size("max_buffered_per_client", 1 << 10, u64::MAX);
+    let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    let (max_request_size, max_buffered, max_buffered_per_client) =
+        (max_request_size?, max_buffered?, max_buffered_per_client?);
+    for (key, budget) in
+        [("max_buffered", max_buffered), ("max_buffered_per_client", max_buffered_per_client)]
+    {
+        if budget < max_request_size {
+            let origin = check.origin(key);
+            check.problems.push(format!(
+                "{origin}: {budget} bytes is less than max_request_size ({max_request_size} \
+                 bytes): no request of that size could ever be admitted"
+            ));
+            return None;
+        }
+    }
+    Some(ClientBounds {
+        max_request_size: size(max_request_size),
+        request_timeout: request_timeout?,
+        handshake_timeout: handshake_timeout?,
+        idle_timeout: idle_timeout?,
+        max_connections: max_connections?,
+        max_connections_per_client: max_connections_per_client?,
+        max_buffered: size(max_buffered),
+        max_buffered_per_client: size(max_buffered_per_client),
+    })
 }
 
 /// Stands in for a value `Check::finish` guarantees to be present.

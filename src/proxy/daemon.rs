@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use super::front::{self, Role};
 use super::pool::Origin;
-use super::{Proxy, health};
+use super::{Proxy, health, state};
 use crate::config::{ProxyConfigSource, ProxySettings};
 use crate::control::{self, Control, ReloadRequest};
 use crate::telemetry::Telemetry;
@@ -72,6 +72,9 @@ async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<
     let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
 
     let proxy = Proxy::new(&settings);
+    if let Some(path) = &settings.state_file {
+        state::restore(proxy.pool(), path);
+    }
     let serving = Arc::new(AtomicBool::new(true));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -89,7 +92,7 @@ async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<
         "proxy listening on {}",
         local(&main)
     );
-    if settings.workers.is_empty() {
+    if proxy.pool().snapshot().is_empty() {
         warn!("no workers configured: requests get UNAVAILABLE until one is added");
     }
     let mut tasks = tokio::task::JoinSet::new();
@@ -106,6 +109,9 @@ async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<
             ));
         }
     }
+    if let Some(path) = &settings.state_file {
+        tasks.spawn(state::keep(Arc::clone(proxy.pool()), path.clone(), stopped.clone()));
+    }
     let (reload_requests, mut reloads) = tokio::sync::mpsc::channel::<ReloadRequest>(4);
     if let Some(listener) = control {
         let control = Control::new(Arc::clone(&proxy), reload_requests);
@@ -118,6 +124,16 @@ async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<
         }))
     };
     let reporter = tokio::spawn(report_status(Arc::clone(&proxy)));
+    let pruner = {
+        let proxy = Arc::clone(&proxy);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(super::limit::PRUNE_INTERVAL);
+            loop {
+                every.tick().await;
+                proxy.prune_limiter();
+            }
+        })
+    };
     systemd::ready(&proxy.status_line());
     if let Some(interval) = systemd::watchdog_interval() {
         systemd::spawn_watchdog(interval);
@@ -149,6 +165,7 @@ async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<
     .await;
     checker.abort();
     reporter.abort();
+    pruner.abort();
     info!("stopped");
     telemetry.shutdown();
     Ok(())
@@ -231,6 +248,9 @@ fn reload(
     if new.control_socket != settings.control_socket {
         restart.push("control_socket");
     }
+    if new.state_file != settings.state_file {
+        restart.push("state_file");
+    }
     if !restart.is_empty() {
         warn!(settings = %restart.join(", "), "changed settings take effect only after a restart");
     }
@@ -263,6 +283,7 @@ fn reload(
         status_port: kept.status_port,
         metrics_port: kept.metrics_port,
         control_socket: kept.control_socket,
+        state_file: kept.state_file,
         ..new
     };
     let list = |workers: &[String]| {

@@ -25,9 +25,27 @@ pub async fn prove(channel: Channel, request: Request<Bytes>) -> Result<Response
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
     // The generated clients report a channel that is not ready the same way.
-    grpc.ready().await.map_err(|err| Status::unknown(format!("Service was not ready: {err}")))?;
+    grpc.ready().await.map_err(|err| Status::unknown(format!("{NOT_READY}: {err}")))?;
     grpc.unary(request, PathAndQuery::from_static("/remote_prover.Api/Prove"), Raw).await
 }
+
+/// Whether a failed call never reached the worker (it could not be connected to, or its
+/// connection was not ready): the worker cannot have died of this request.
+pub fn never_sent(status: &Status) -> bool {
+    if status.message().starts_with(NOT_READY) {
+        return true;
+    }
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        if err.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+const NOT_READY: &str = "Service was not ready";
 
 /// A codec that passes messages through as bytes.
 #[derive(Clone, Copy, Debug, Default)]

@@ -6,11 +6,19 @@
 //! request can be retried on another worker) and writes gRPC trailers — or, for gRPC-web, the
 //! trailer frame in the body. Listeners are bound by the daemon and handed in, so a taken port
 //! is an error at start, not a silent wait.
+//!
+//! Before Pingora sees a connection, it takes a place among the open connections
+//! ([`super::bounds::Connections`]) and must show its protocol within `handshake_timeout`: the
+//! 24-byte HTTP/2 preface, or any other first bytes for HTTP/1 (so a short HTTP/1.0 request is
+//! answered, not held waiting for 24 bytes). A `Prove` call is admitted from its headers (rate
+//! limit, queue room), then from its gRPC prefix (size, compression, the bytes budget), and only
+//! then is its body read, whole within `request_timeout`.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -22,12 +30,12 @@ use pingora_core::protocols::http::ServerSession;
 use pingora_core::server::ShutdownWatch;
 use pingora_http::ResponseHeader;
 use prost::Message;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tonic::Status;
-use tracing::debug;
+use tracing::{debug, warn};
 
+use super::bounds::{Reservation, Slot};
 use super::{Proxy, RequestMeta};
-use crate::worker::MAX_MESSAGE_SIZE;
 
 /// HTTP/2 flow-control window for streams and connections.
 const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
@@ -47,10 +55,15 @@ pub enum Role {
 pub struct Front {
     proxy: Arc<Proxy>,
     role: Role,
-    options: HttpServerOptions,
     /// Cleared at shutdown: health turns `NOT_SERVING`, new calls get `UNAVAILABLE`.
     serving: Arc<AtomicBool>,
 }
+
+/// The HTTP/2 connection preface.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long accepting pauses after an error (out of descriptors), rather than spinning.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// Accepts connections on `listener` until `shutdown` turns true; HTTP/1.1 and h2c share it.
 pub async fn serve(
@@ -60,28 +73,50 @@ pub async fn serve(
     serving: Arc<AtomicBool>,
     shutdown: ShutdownWatch,
 ) {
-    let mut options = HttpServerOptions::default();
-    options.h2c = true;
-    let front = Arc::new(Front { proxy, role, options, serving });
+    let front = Arc::new(Front { proxy, role, serving });
     let mut stop = shutdown.clone();
     // Connections are tracked so that a stopping proxy returns only once every answer is out.
     let mut connections = tokio::task::JoinSet::new();
+    let mut last_warning: Option<Instant> = None;
     loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    debug!(%err, "accept failed");
-                    continue;
-                },
-            },
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             _ = stop.wait_for(|stopping| *stopping) => break,
         };
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // EMFILE and friends: the listener stays readable, so pause rather than spin.
+                if last_warning.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
+                    warn!(error = %err, "cannot accept connections; pausing accepts for 100 ms at a time");
+                    last_warning = Some(Instant::now());
+                }
+                tokio::time::sleep(ACCEPT_PAUSE).await;
+                continue;
+            }
+        };
+        let bounds = front.proxy.live().client_bounds;
+        let client = front.proxy.client_key(peer.ip());
+        let exempt = front.proxy.is_forwarder(peer.ip());
+        let slot = match front.proxy.connections().open(client, exempt, &bounds) {
+            Ok(slot) => slot,
+            Err(refused) => {
+                debug!(%peer, "closing a new connection at once: {refused}");
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
-        let connection = Arc::new(Connection { front: Arc::clone(&front), peer });
-        let shutdown = shutdown.clone();
+        let (front, shutdown) = (Arc::clone(&front), shutdown.clone());
         connections.spawn(async move {
+            let mut slot = slot;
+            let Some(h2) = handshake(&tcp, &mut slot, bounds.handshake_timeout).await else {
+                return;
+            };
+            let mut options = HttpServerOptions::default();
+            options.h2c = h2;
+            options.h2_idle_timeout = Some(bounds.idle_timeout);
+            let connection = Arc::new(Connection { front, peer, options, _slot: slot });
             let stream: pingora_core::protocols::Stream =
                 Box::new(pingora_core::protocols::l4::stream::Stream::from(tcp));
             pingora_core::apps::ServerApp::process_new(&connection, stream, &shutdown).await;
@@ -91,10 +126,56 @@ pub async fn serve(
     while connections.join_next().await.is_some() {}
 }
 
-/// A connection: the app plus the client's address (the rate limit's key).
+/// Waits until a connection shows its protocol: `Some(true)` for the HTTP/2 preface,
+/// `Some(false)` for other first bytes (HTTP/1); `None` when it closed, stayed silent past
+/// `timeout`, or was evicted for a newer connection meanwhile.
+async fn handshake(tcp: &TcpStream, slot: &mut Slot, timeout: Duration) -> Option<bool> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut evicted = slot.evicted.take()?;
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut pause = Duration::from_millis(1);
+    let h2 = loop {
+        let peeked = tokio::select! {
+            peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut buf)) => peeked,
+            _ = &mut evicted => {
+                debug!("closing a connection still in its handshake to make room for a newer one");
+                return None;
+            }
+        };
+        let n = match peeked {
+            Ok(Ok(n)) if n > 0 => n,
+            Ok(_) => return None,
+            Err(_) => {
+                debug!(
+                    "closing a connection that did not show its protocol within handshake_timeout"
+                );
+                return None;
+            }
+        };
+        if buf[..n] != H2_PREFACE[..n] {
+            break false;
+        }
+        if n == H2_PREFACE.len() {
+            break true;
+        }
+        // Part of the preface: the rest is on its way (peek returns at once while bytes wait).
+        if tokio::time::Instant::now() + pause >= deadline {
+            return None;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    };
+    slot.handshake_done();
+    Some(h2)
+}
+
+/// A connection: the app, the client's address (the rate limit's key), the protocol it showed,
+/// and its place among the open connections.
 struct Connection {
     front: Arc<Front>,
     peer: SocketAddr,
+    options: HttpServerOptions,
+    _slot: Slot,
 }
 
 #[async_trait]
@@ -104,7 +185,10 @@ impl HttpServerApp for Connection {
         mut session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        if !matches!(session.read_request().await, Ok(true)) {
+        // Every HTTP/1 request's headers within handshake_timeout (Pingora's own timeout is per
+        // read, so a byte a minute would hold the connection forever).
+        let timeout = self.front.proxy.live().client_bounds.handshake_timeout;
+        if !matches!(tokio::time::timeout(timeout, session.read_request()).await, Ok(Ok(true))) {
             return None;
         }
         if *shutdown.borrow() {
@@ -138,7 +222,7 @@ impl HttpServerApp for Connection {
     }
 
     fn server_options(&self) -> Option<&HttpServerOptions> {
-        Some(&self.front.options)
+        Some(&self.options)
     }
 
     /// Pingora's bounded defaults plus flow-control windows that fit a whole request: with
@@ -174,47 +258,79 @@ impl Connection {
         if !content_type.starts_with("application/grpc") {
             return plain_status(session, 415, "expected a gRPC or gRPC-web request\n").await;
         }
+        let proxy = &self.front.proxy;
+        let bounds = proxy.live().client_bounds;
+        if path != "/remote_prover.Api/Prove" {
+            // Status and health calls: small messages, no budget.
+            let message =
+                read_message(session, SMALL_MESSAGE, bounds.request_timeout, |_| Ok(None));
+            let answer = match message.await {
+                Ok(_) => self.small_call(&path),
+                Err(status) => Err(status),
+            };
+            return respond(session, web, answer).await;
+        }
         let meta = RequestMeta {
             traceparent: text_header(session, "traceparent"),
             tracestate: text_header(session, "tracestate"),
             request_id: text_header(session, "x-request-id"),
         };
-        let message = match read_message(session).await {
-            Ok(message) => message,
-            Err(status) => return respond(session, web, Err(status)).await,
-        };
-        let proxy = &self.front.proxy;
-        let serving = self.front.serving.load(Ordering::SeqCst);
-        let answer = match path.as_str() {
-            "/remote_prover.Api/Prove" => {
-                // Held until the answer is written: a stopping proxy waits for it.
-                let admission = match proxy.pool().admit() {
-                    Ok(admission) => admission,
-                    Err(err) => {
-                        return respond(session, web, Err(Status::unavailable(err.to_string())))
-                            .await;
-                    }
-                };
-                let ip = Some(self.peer.ip());
-                let prove = proxy.prove(message, ip, meta);
-                let answer = if let Some(closed) = session.watch_h2_stream_close() {
-                    tokio::select! {
-                        answer = prove => answer,
-                        // The client reset the stream: dropping `prove` leaves the queue, or
-                        // holds a proving worker's lease until it is idle; nobody is left to
-                        // answer.
-                        _ = closed => return false,
-                    }
-                } else {
-                    prove.await
-                };
-                let written = respond(session, web, answer).await;
-                drop(admission);
-                return written;
+        let forwarded_for = session
+            .get_header("x-forwarded-for")
+            .filter(|v| v.len() <= MAX_META_HEADER)
+            .and_then(|v| v.to_str().ok());
+        let client = proxy.client_address(self.peer.ip(), forwarded_for);
+        // From the headers alone: rate limit and queue room, then whether the proxy takes
+        // requests at all.
+        if let Err(status) = proxy.admit_call(client) {
+            return refuse_unread(session, web, status).await;
+        }
+        // Held until the answer is written: a stopping proxy waits for it.
+        let admission = match proxy.pool().admit() {
+            Ok(admission) => admission,
+            Err(err) => {
+                return refuse_unread(session, web, Status::unavailable(err.to_string())).await;
             }
+        };
+        let key = proxy.client_key(client);
+        let budget = Arc::clone(proxy.budget());
+        let reserve = |bytes| {
+            budget
+                .reserve(key, bytes, &bounds)
+                .map(Some)
+                .map_err(|over| Status::resource_exhausted(over.to_string()))
+        };
+        let (message, reservation) =
+            match read_message(session, bounds.max_request_size, bounds.request_timeout, reserve)
+                .await
+            {
+                Ok(read) => read,
+                Err(status) => return refuse_unread(session, web, status).await,
+            };
+        let prove = proxy.prove(message, Some(client), meta);
+        let answer = if let Some(closed) = session.watch_h2_stream_close() {
+            tokio::select! {
+                answer = prove => answer,
+                // The client reset the stream: dropping `prove` leaves the queue, or holds a
+                // proving worker's lease until it is idle; nobody is left to answer.
+                _ = closed => return false,
+            }
+        } else {
+            prove.await
+        };
+        let written = respond(session, web, answer).await;
+        drop((admission, reservation));
+        written
+    }
+
+    /// The answer to a status or health call (or to an unknown method).
+    fn small_call(&self, path: &str) -> Result<Bytes, Status> {
+        let proxy = &self.front.proxy;
+        match path {
             "/remote_prover.ProxyStatusApi/Status" => Ok(proxy.status().encode_to_vec().into()),
             "/grpc.health.v1.Health/Check" => {
                 use tonic_health::pb::health_check_response::ServingStatus;
+                let serving = self.front.serving.load(Ordering::SeqCst);
                 let status =
                     if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
                 Ok(tonic_health::pb::HealthCheckResponse { status: status.into() }
@@ -222,48 +338,117 @@ impl Connection {
                     .into())
             }
             _ => Err(Status::unimplemented(format!("unknown method {path}"))),
-        };
-        respond(session, web, answer).await
-    }
-}
-
-fn text_header(session: &ServerSession, name: &str) -> Option<String> {
-    session.get_header(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
-}
-
-/// Reads the whole body and unwraps its single gRPC message (5-byte prefix: flag, length).
-async fn read_message(session: &mut ServerSession) -> Result<Bytes, Status> {
-    let mut body = BytesMut::new();
-    loop {
-        match session.read_request_body().await {
-            Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > MAX_MESSAGE_SIZE + 5 {
-                    return Err(Status::resource_exhausted(format!(
-                        "the request is larger than {MAX_MESSAGE_SIZE} bytes"
-                    )));
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(None) => break,
-            Err(err) => {
-                return Err(Status::cancelled(format!("reading the request failed: {err}")));
-            }
         }
     }
-    if body.len() < 5 {
-        return Err(Status::invalid_argument("the request has no gRPC message frame"));
+}
+
+/// Largest message of a status or health call.
+const SMALL_MESSAGE: usize = 64 * 1024;
+
+/// Answers a call whose body was not (wholly) read; an HTTP/1 connection is then closed, as
+/// what is left of the body would read as the next request.
+async fn refuse_unread(session: &mut ServerSession, web: bool, status: Status) -> bool {
+    session.set_keepalive(None);
+    respond(session, web, Err(status)).await;
+    false
+}
+
+/// Longest trace or request-id header the proxy logs and passes on; a longer one is dropped
+/// (W3C: a `traceparent` is 55 characters, a `tracestate` at most 512), so a client cannot write
+/// a megabyte into the journal with every request.
+pub const MAX_META_HEADER: usize = 512;
+
+fn text_header(session: &ServerSession, name: &str) -> Option<String> {
+    let value = session.get_header(name)?;
+    if value.len() > MAX_META_HEADER {
+        debug!(header = name, bytes = value.len(), "dropped an overlong header");
+        return None;
     }
-    if body[0] != 0 {
-        return Err(Status::unimplemented("compressed requests are not supported"));
+    value.to_str().ok().map(str::to_owned)
+}
+
+/// Reads a call's single gRPC message (5-byte prefix: flag, big-endian length). What the prefix
+/// (or an HTTP/1 `Content-Length`) announces is checked as soon as it arrives: more than `max`
+/// bytes or a compressed message is refused before the rest is read, and `reserve` is asked for
+/// room for the whole message first. The body must arrive whole within `timeout`.
+async fn read_message(
+    session: &mut ServerSession,
+    max: usize,
+    timeout: Duration,
+    mut reserve: impl FnMut(usize) -> Result<Option<Reservation>, Status>,
+) -> Result<(Bytes, Option<Reservation>), Status> {
+    let too_large = |len: usize| {
+        Status::out_of_range(format!(
+            "the request announces {len} bytes; this proxy takes at most {max} (max_request_size)"
+        ))
+    };
+    let content_length = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(length) = content_length
+        && length > max + 5
+    {
+        return Err(too_large(length.saturating_sub(5)));
     }
-    let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
-    if body.len() != 5 + len {
-        return Err(Status::invalid_argument(format!(
-            "the gRPC frame announces {len} bytes but {} arrived",
-            body.len() - 5
-        )));
-    }
-    Ok(body.freeze().slice(5..))
+    let read = async {
+        let mut body = BytesMut::new();
+        let mut announced = None;
+        let mut reservation = None;
+        loop {
+            let chunk = match session.read_request_body().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(err) => {
+                    return Err(Status::cancelled(format!("reading the request failed: {err}")));
+                }
+            };
+            if body.len() + chunk.len() > 5 + announced.unwrap_or(max) {
+                return Err(match announced {
+                    Some(len) => Status::invalid_argument(format!(
+                        "the request holds more than the {len} bytes its gRPC frame announces"
+                    )),
+                    None => too_large(body.len() + chunk.len() - 5),
+                });
+            }
+            body.extend_from_slice(&chunk);
+            if announced.is_none() && body.len() >= 5 {
+                if body[0] != 0 {
+                    return Err(Status::unimplemented("compressed requests are not supported"));
+                }
+                let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+                if len > max {
+                    return Err(too_large(len));
+                }
+                reservation = reserve(len)?;
+                body.reserve(5 + len - body.len());
+                announced = Some(len);
+                if body.len() > 5 + len {
+                    return Err(Status::invalid_argument(format!(
+                        "the request holds more than the {len} bytes its gRPC frame announces"
+                    )));
+                }
+            }
+        }
+        let Some(len) = announced else {
+            return Err(Status::invalid_argument("the request has no gRPC message frame"));
+        };
+        if body.len() != 5 + len {
+            return Err(Status::invalid_argument(format!(
+                "the gRPC frame announces {len} bytes but {} arrived",
+                body.len() - 5
+            )));
+        }
+        Ok((body.freeze().slice(5..), reservation))
+    };
+    tokio::time::timeout(timeout, read).await.unwrap_or_else(|_| {
+        Err(Status::deadline_exceeded(format!(
+            "the request's body did not arrive whole within {} (request_timeout)",
+            humantime::format_duration(timeout)
+        )))
+    })
 }
 
 /// The 5-byte gRPC message prefix: flag, big-endian length.

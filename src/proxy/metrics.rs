@@ -50,6 +50,8 @@ pub struct Metrics {
     /// Requests refused by the per-IP rate limit (upstream `rate_limited_requests`,
     /// `rate_limit_violations`).
     pub rate_limited: IntCounter,
+    /// Requests refused because their content took down two workers (`poison_ttl`).
+    pub poison_refused: IntCounter,
 }
 
 impl Metrics {
@@ -115,6 +117,11 @@ impl Metrics {
                 "Requests refused by the per-client-IP rate limit",
             )
             .expect("valid metric"),
+            poison_refused: IntCounter::new(
+                "mps_proxy_poison_refused_total",
+                "Requests refused without reaching a worker: their content took down two workers",
+            )
+            .expect("valid metric"),
             registry,
         };
         for collector in [
@@ -130,6 +137,7 @@ impl Metrics {
             Box::new(m.retries.clone()),
             Box::new(m.request_duration.clone()),
             Box::new(m.rate_limited.clone()),
+            Box::new(m.poison_refused.clone()),
         ] {
             m.registry.register(collector).expect("metric names are unique");
         }

@@ -8,17 +8,20 @@
 //! kept (Pingora's own retry buffer stops at 64 KiB; a transaction is ≈ 109 KB) → the answer
 //! goes back through [`front`]. [`health`] checks workers in the background; [`metrics`] counts.
 
+pub mod bounds;
 pub mod daemon;
 pub mod forward;
 pub mod front;
 pub mod health;
+pub mod limit;
 pub mod metrics;
+pub mod poison;
 pub mod pool;
+pub mod state;
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -28,7 +31,7 @@ use tracing::{Instrument, info, info_span, warn};
 use self::metrics::Metrics;
 use self::pool::{AcquireError, Health, Origin, WorkerPool};
 use crate::ProofKind;
-use crate::config::ProxySettings;
+use crate::config::{ClientBounds, ProxySettings};
 use crate::proto::{self, ProofType};
 use crate::telemetry;
 use crate::worker::BUSY_MESSAGE;
@@ -42,8 +45,16 @@ pub struct LiveSettings {
     pub max_queue_wait: Duration,
     /// Extra attempts on other workers.
     pub max_retries_per_request: u32,
+    /// How long content that took down two workers is refused; zero: never.
+    pub poison_ttl: Duration,
     /// Per-IP requests per second.
     pub max_req_per_sec: u32,
+    /// The IPv6 prefix a client is limited by.
+    pub rate_limit_ipv6_prefix: u8,
+    /// Forwarders whose `X-Forwarded-For` names the client.
+    pub trusted_forwarders: Vec<limit::Network>,
+    /// What clients may hold: connections, buffered bytes, time.
+    pub client_bounds: ClientBounds,
     /// Health-check interval and per-check timeout.
     pub health_check: (Duration, Duration),
 }
@@ -54,7 +65,11 @@ impl From<&ProxySettings> for LiveSettings {
             timeout: s.timeout,
             max_queue_wait: s.max_queue_wait,
             max_retries_per_request: s.max_retries_per_request,
+            poison_ttl: s.poison_ttl,
             max_req_per_sec: s.max_req_per_sec,
+            rate_limit_ipv6_prefix: s.rate_limit_ipv6_prefix,
+            trusted_forwarders: s.trusted_forwarders.clone(),
+            client_bounds: s.client_bounds,
             health_check: (s.health_check_interval, s.health_check_timeout),
         }
     }
@@ -76,7 +91,10 @@ pub struct Proxy {
     kind: ProofKind,
     pool: Arc<WorkerPool>,
     live: RwLock<LiveSettings>,
-    limiter: RateLimiter,
+    limiter: limit::RateLimiter,
+    poison: poison::PoisonTable,
+    connections: Arc<bounds::Connections>,
+    budget: Arc<bounds::Budget>,
     /// Metrics, rendered on the metrics port.
     pub metrics: Metrics,
     served: AtomicU64,
@@ -94,7 +112,10 @@ impl Proxy {
             kind: settings.prover_type,
             pool,
             live: RwLock::new(LiveSettings::from(settings)),
-            limiter: RateLimiter::default(),
+            limiter: limit::RateLimiter::default(),
+            poison: poison::PoisonTable::default(),
+            connections: Arc::default(),
+            budget: Arc::default(),
             metrics: Metrics::new(),
             served: AtomicU64::new(0),
         })
@@ -120,6 +141,64 @@ impl Proxy {
         *self.live.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
             LiveSettings::from(settings);
         self.pool.set_limits(settings.max_queue_items, channel_settings(settings));
+    }
+
+    /// The client a request on a connection from `peer` comes from (see [`limit::client_address`]).
+    pub fn client_address(&self, peer: IpAddr, forwarded_for: Option<&str>) -> IpAddr {
+        let live = self.live.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        limit::client_address(peer, forwarded_for, &live.trusted_forwarders)
+    }
+
+    /// The key a client is counted under (its address, or its IPv6 prefix).
+    pub fn client_key(&self, ip: IpAddr) -> IpAddr {
+        let live = self.live.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        limit::RateLimiter::key(ip, live.rate_limit_ipv6_prefix)
+    }
+
+    /// Whether `ip` is a trusted forwarder (exempt from the per-client connection bound).
+    pub fn is_forwarder(&self, ip: IpAddr) -> bool {
+        let live = self.live.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        live.trusted_forwarders.iter().any(|n| n.contains(ip))
+    }
+
+    /// The open connections (see [`bounds`]).
+    pub fn connections(&self) -> &Arc<bounds::Connections> {
+        &self.connections
+    }
+
+    /// The buffered-bytes budget (see [`bounds`]).
+    pub fn budget(&self) -> &Arc<bounds::Budget> {
+        &self.budget
+    }
+
+    /// What a `Prove` call's headers decide, before its body is read: the client's rate limit
+    /// and room in the queue.
+    pub fn admit_call(&self, client: IpAddr) -> Result<(), Status> {
+        let live = self.live();
+        let key = limit::RateLimiter::key(client, live.rate_limit_ipv6_prefix);
+        if !self.limiter.allow(key, live.max_req_per_sec) {
+            self.metrics.rate_limited.inc();
+            let who = if key.is_ipv6() {
+                format!("{key}/{}", live.rate_limit_ipv6_prefix)
+            } else {
+                key.to_string()
+            };
+            return Err(Status::resource_exhausted(format!(
+                "Too many requests from {who}: the limit is {} per second per client IP",
+                live.max_req_per_sec
+            )));
+        }
+        let (queued, max) = self.pool.queue();
+        if queued > 0 && queued >= max {
+            self.metrics.queue_drops.inc();
+            return Err(acquire_status(&AcquireError::QueueFull));
+        }
+        Ok(())
+    }
+
+    /// Drops idle rate-limit buckets; the daemon calls it every [`limit::PRUNE_INTERVAL`].
+    pub fn prune_limiter(&self) {
+        self.limiter.prune();
     }
 
     /// Requests answered since start (any outcome).
@@ -209,15 +288,6 @@ impl Proxy {
         meta: &RequestMeta,
     ) -> Result<Bytes, Status> {
         let live = self.live();
-        if let Some(ip) = client
-            && !self.limiter.allow(ip, live.max_req_per_sec)
-        {
-            self.metrics.rate_limited.inc();
-            return Err(Status::resource_exhausted(format!(
-                "Too many requests from {ip}: the limit is {} per second per client IP",
-                live.max_req_per_sec
-            )));
-        }
         let request =
             <forward::RequestHead as prost::Message>::decode(message.as_ref()).map_err(|err| {
                 Status::invalid_argument(format!("the request does not decode: {err}"))
@@ -236,9 +306,25 @@ impl Proxy {
             )));
         }
 
+        // Hashed only once some content took a worker down.
+        let mut digest = None;
+        if live.poison_ttl > Duration::ZERO && self.poison.in_use() {
+            let key = *digest.insert(poison::digest(&message));
+            if let Some(deaths) = self.poison.refused(&key, live.poison_ttl) {
+                self.metrics.poison_refused.inc();
+                warn!(
+                    client = client.map(|ip| ip.to_string()).unwrap_or_default(),
+                    "refused a request whose content took down {deaths} workers"
+                );
+                return Err(poison_status(deaths, live.poison_ttl));
+            }
+        }
+
         let mut excluded: Vec<String> = Vec::new();
         let attempts = 1 + live.max_retries_per_request;
         let mut last_failure = String::new();
+        // Workers that died under this request (not: could not be reached).
+        let mut deaths = 0;
         for attempt in 1..=attempts {
             let queued = Instant::now();
             self.update_gauges();
@@ -312,10 +398,35 @@ impl Proxy {
                 Failure::Busy => {
                     last_failure = format!("worker {} is busy", lease.address());
                 }
+                Failure::WorkerDown if forward::never_sent(&status) => {
+                    last_failure =
+                        format!("worker {} is unreachable: {}", lease.address(), status.message());
+                    self.pool.mark_failed(lease.address(), status.message().to_owned());
+                }
                 Failure::WorkerDown => {
                     last_failure =
                         format!("worker {} failed: {}", lease.address(), status.message());
                     self.pool.mark_failed(lease.address(), status.message().to_owned());
+                    deaths += 1;
+                    if live.poison_ttl > Duration::ZERO {
+                        let key = *digest.get_or_insert_with(|| poison::digest(&message));
+                        let took = self.poison.record(key, live.poison_ttl);
+                        if took >= poison::REFUSE_AFTER {
+                            warn!(
+                                client = client.map(|ip| ip.to_string()).unwrap_or_default(),
+                                "a request's content took down {took} workers; it is refused \
+                                 for {:?} (poison_ttl)",
+                                live.poison_ttl
+                            );
+                            return Err(poison_status(took, live.poison_ttl));
+                        }
+                    }
+                    if deaths >= poison::REFUSE_AFTER {
+                        return Err(Status::unavailable(format!(
+                            "{deaths} workers died under this request; it is not sent to a \
+                             third: {last_failure}"
+                        )));
+                    }
                 }
                 Failure::TimedOut => {
                     // The worker is still proving: keep it leased until it says it is idle,
@@ -482,6 +593,16 @@ fn hold_until_idle(lease: pool::Lease) {
     });
 }
 
+/// The answer to content that took down `deaths` workers.
+fn poison_status(deaths: u32, ttl: Duration) -> Status {
+    Status::internal(format!(
+        "this request's content took down {deaths} workers; it is refused for {} after the last \
+         (poison_ttl) without reaching a worker. Check the input: the workers' logs name how \
+         their prover processes ended",
+        humantime::format_duration(ttl)
+    ))
+}
+
 fn acquire_status(err: &AcquireError) -> Status {
     match err {
         AcquireError::QueueFull => Status::resource_exhausted(err.to_string()),
@@ -511,32 +632,5 @@ pub fn code_name(code: Code) -> &'static str {
         Code::Unavailable => "unavailable",
         Code::DataLoss => "data_loss",
         Code::Unauthenticated => "unauthenticated",
-    }
-}
-
-/// Token bucket per client IP (not per connection: upstream keyed on ip:port).
-#[derive(Default)]
-struct RateLimiter {
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
-}
-
-impl RateLimiter {
-    fn allow(&self, ip: IpAddr, per_second: u32) -> bool {
-        let rate = f64::from(per_second.max(1));
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if buckets.len() > 10_000 {
-            // Forget clients idle long enough to have a full bucket again.
-            buckets.retain(|_, (_, last)| now.duration_since(*last) < Duration::from_secs(2));
-        }
-        let (tokens, last) = buckets.entry(ip).or_insert((rate, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
     }
 }

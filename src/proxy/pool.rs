@@ -494,6 +494,16 @@ impl WorkerPool {
             .collect()
     }
 
+    /// The addresses of the workers added at run time, in the order they were added.
+    pub fn runtime_workers(&self) -> Vec<String> {
+        self.lock()
+            .workers
+            .iter()
+            .filter(|w| !w.removed && w.origin == Origin::Runtime)
+            .map(|w| w.address.clone())
+            .collect()
+    }
+
     /// Requests waiting for a worker, and the bound.
     pub fn queue(&self) -> (usize, usize) {
         let state = self.lock();

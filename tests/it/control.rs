@@ -396,3 +396,71 @@ async fn two_hundred_adds_and_removes_under_load_fail_no_request() {
     assert!(churned_worker.served() > 0, "the churned worker took requests while present");
     assert_eq!(worker_set(&proxy.control).len(), 2);
 }
+
+/// Waits until the state file at `path` lists exactly `workers` (it is rewritten on each change).
+async fn wait_for_state(path: &Path, workers: &[&str]) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let listed: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        if text.ends_with("# end\n") && listed == workers {
+            return text;
+        }
+        assert!(
+            started.elapsed() < START_TIMEOUT,
+            "{} lists {listed:?}, not {workers:?}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn workers_added_at_run_time_survive_a_restart_and_a_damaged_state_file_is_kept_aside() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let file = state.path().join("workers");
+    let start = || {
+        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().expect("address");
+        let mut launch = Launch::proxy_for("transaction", &[addr]);
+        launch.command.env("MPS_STATE_FILE", &file);
+        launch.start_proxy()
+    };
+
+    let mut proxy = start().await;
+    let socket = proxy.control.clone();
+    assert!(ctl(&socket, &["add-worker", "127.0.0.1:3", "127.0.0.1:4"]).status.success());
+    wait_for_state(&file, &["127.0.0.1:3", "127.0.0.1:4"]).await;
+    assert!(ctl(&socket, &["remove-worker", "127.0.0.1:4"]).status.success());
+    let saved = wait_for_state(&file, &["127.0.0.1:3"]).await;
+    proxy_stops_cleanly(&mut proxy).await;
+
+    // A write that never got renamed into place (a crash mid-write) is not read.
+    std::fs::write(state.path().join("workers.new"), "127.0.0.1:9\n").expect("write");
+    let mut proxy = start().await;
+    assert_eq!(
+        worker_set(&proxy.control),
+        pairs(&[("127.0.0.1:1", "config"), ("127.0.0.1:3", "runtime")])
+    );
+    proxy.daemon.wait_for_output("restored 1 workers added at run time", START_TIMEOUT).await;
+    proxy_stops_cleanly(&mut proxy).await;
+
+    // Cut short mid-write: never a shorter list; reported, kept aside, not fatal.
+    let cut = &saved[..saved.len() - "# end\n".len()];
+    std::fs::write(&file, cut).expect("write");
+    let mut proxy = start().await;
+    assert_eq!(worker_set(&proxy.control), pairs(&[("127.0.0.1:1", "config")]));
+    proxy.daemon.wait_for_output("the state file is damaged", START_TIMEOUT).await;
+    let output = proxy.daemon.output();
+    assert!(output.contains("cut short"), "{output}");
+    let aside: Vec<_> = std::fs::read_dir(state.path())
+        .expect("list")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("workers.damaged-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the damaged file is kept aside");
+    assert_eq!(std::fs::read_to_string(aside[0].path()).expect("read"), cut);
+    // The next change writes a whole file again.
+    assert!(ctl(&proxy.control, &["add-worker", "127.0.0.1:5"]).status.success());
+    wait_for_state(&file, &["127.0.0.1:5"]).await;
+    proxy_stops_cleanly(&mut proxy).await;
+}

@@ -279,9 +279,11 @@ async fn distinct_large_account_code_leaves_the_worker_rss_flat() {
         );
     }
     // Before the change to prover processes, each such request pinned its code in the worker for
-    // good (+47 MB a request with a large advice map). Now: flat within 10 % over the 20.
+    // good (+47 MB a request with a large advice map, 940 MB over the 20). Now flat: within
+    // 8 MiB over the 20, the malloc arenas' wobble under a loaded machine (2 MB was seen while
+    // other tests ran beside it).
     let (first, last) = (rss[WARM_UP - 1], rss[rss.len() - 1]);
-    assert!(last * 10 <= first * 11, "worker RSS grew from {first} KiB to {last} KiB: {rss:?}");
+    assert!(last <= first + 8 * 1024, "worker RSS grew from {first} KiB to {last} KiB: {rss:?}");
 }
 
 /// Writes the fuzz campaigns' seed corpus to `$MPS_FUZZ_SEEDS` (`scripts/fuzz.sh` runs it): real

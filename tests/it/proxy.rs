@@ -688,3 +688,65 @@ async fn a_clients_trace_runs_through_the_proxy_into_the_worker() {
         .await;
     assert_eq!(worker_span.parent_span_id, client_span);
 }
+
+/// A request that kills the worker it reaches (MORTAL STAND-INS that die on a marked payload;
+/// real workers contain what an input does) costs at most two workers: after two deaths its
+/// content is refused at once, without reaching a worker, counted and logged; other requests
+/// are served as before.
+#[tokio::test]
+async fn a_request_that_kills_workers_costs_two_at_most_and_is_then_refused_at_once() {
+    use crate::support::standin;
+
+    const MARK: &[u8] = b"poison";
+    let version = env!("CARGO_PKG_VERSION");
+    let delay = Duration::from_millis(20);
+    let mut standins = Vec::new();
+    for _ in 0..3 {
+        standins.push(standin::start_mortal(version, delay, MARK).await);
+    }
+    let addrs: Vec<_> = standins.iter().map(|(addr, _)| *addr).collect();
+    let mut launch = Launch::proxy_for("transaction", &addrs);
+    // Without the cap, three retries would reach every worker.
+    launch.command.env("MPS_MAX_RETRIES_PER_REQUEST", "3");
+    let mut proxy = launch.start_proxy().await;
+    proxy.wait_healthy(3, 3).await;
+
+    let poison = || ProofRequest {
+        proof_type: ProofType::Transaction.into(),
+        payload: [MARK, &[1, 2, 3][..]].concat(),
+    };
+    let err = api(&proxy.daemon).await.prove(poison()).await.expect_err("the workers died");
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(err.message().starts_with("this request's content took down 2 workers"), "{err:?}");
+    let dead = standins.iter().filter(|(_, s)| s.dead()).count();
+    assert_eq!(dead, 2, "one request took {dead} workers");
+    let (_, survivor) = standins.iter().find(|(_, s)| !s.dead()).expect("a survivor");
+    assert_eq!(survivor.received(), 0);
+
+    for _ in 0..2 {
+        let err = api(&proxy.daemon).await.prove(poison()).await.expect_err("refused");
+        assert_eq!(err.code(), Code::Internal, "{err:?}");
+        assert!(err.message().contains("refused for 1h"), "{err:?}");
+        assert!(err.message().contains("without reaching a worker"), "{err:?}");
+    }
+    assert_eq!(survivor.received(), 0, "a refused request reached a worker");
+    assert!(!survivor.dead());
+    let (_, scrape) = crate::support::http_get(proxy.metrics, "/metrics").await;
+    assert!(scrape.contains("\nmps_proxy_poison_refused_total 2\n"), "{scrape}");
+    proxy
+        .daemon
+        .wait_for_output("refused a request whose content took down 2 workers", START_TIMEOUT)
+        .await;
+    let logged = proxy.daemon.output();
+    let line = logged
+        .lines()
+        .find(|l| l.contains("refused a request whose content"))
+        .expect("the refusal is logged");
+    assert!(line.contains("127.0.0.1"), "the client address is logged: {line}");
+
+    // Other content goes to the survivor as before.
+    let ordinary =
+        ProofRequest { proof_type: ProofType::Transaction.into(), payload: b"ordinary".to_vec() };
+    api(&proxy.daemon).await.prove(ordinary).await.expect("served");
+    assert_eq!(survivor.served(), 1);
+}

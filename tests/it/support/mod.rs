@@ -270,6 +270,8 @@ impl Launch {
             ("MPS_MAX_REQ_PER_SEC", "1000"),
         ]);
         launch.command.env("MPS_CONTROL_SOCKET", launch.dir.path().join("control.sock"));
+        // Never the machine's /var/lib/miden-prover-proxy (the tests run as root).
+        launch.command.env("MPS_STATE_FILE", launch.dir.path().join("workers"));
         launch
     }
 

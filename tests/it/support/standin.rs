@@ -1,10 +1,12 @@
 //! STAND-IN workers: they speak the worker's gRPC (`Api`, `WorkerStatusApi`, `grpc.health.v1`),
 //! answer every request after a fixed delay with a dummy proof, and refuse a second request while
-//! busy, as a real worker does. Used only to load the proxy beyond what real proving allows.
+//! busy, as a real worker does. Used only to load the proxy beyond what real proving allows, and
+//! (a MORTAL stand-in, [`start_mortal`]) to die on a marked payload, as no real worker does any
+//! more since its prover processes contain what an input does.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use miden_proving_service::proto::api_server::{Api, ApiServer};
@@ -21,6 +23,28 @@ pub struct StandIn {
     served: Arc<AtomicU64>,
     version: &'static str,
     delay: Duration,
+    /// Requests it received.
+    received: Arc<AtomicU64>,
+    /// A mortal stand-in: the payload prefix it dies of, and how it dies.
+    mortal: Option<(&'static [u8], Arc<Death>)>,
+}
+
+/// How a mortal stand-in dies: every connection it accepted is shut down, it stops listening.
+#[derive(Default)]
+struct Death {
+    connections: Mutex<Vec<std::net::TcpStream>>,
+    died: tokio::sync::Notify,
+    dead: AtomicBool,
+}
+
+impl Death {
+    fn die(&self) {
+        self.dead.store(true, Ordering::SeqCst);
+        for connection in self.connections.lock().expect("connections").drain(..) {
+            let _ = connection.shutdown(std::net::Shutdown::Both);
+        }
+        self.died.notify_one();
+    }
 }
 
 impl StandIn {
@@ -33,11 +57,29 @@ impl StandIn {
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::SeqCst)
     }
+
+    /// `Prove` calls that reached it.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::SeqCst)
+    }
+
+    /// True once a mortal stand-in died of a marked payload.
+    pub fn dead(&self) -> bool {
+        self.mortal.as_ref().is_some_and(|(_, death)| death.dead.load(Ordering::SeqCst))
+    }
 }
 
 #[tonic::async_trait]
 impl Api for StandIn {
-    async fn prove(&self, _request: Request<ProofRequest>) -> Result<Response<Proof>, Status> {
+    async fn prove(&self, request: Request<ProofRequest>) -> Result<Response<Proof>, Status> {
+        self.received.fetch_add(1, Ordering::SeqCst);
+        if let Some((marker, death)) = &self.mortal
+            && request.get_ref().payload.starts_with(marker)
+        {
+            death.die();
+            // The connection is gone: no answer goes out.
+            std::future::pending::<()>().await;
+        }
         if self.busy.swap(true, Ordering::SeqCst) {
             return Err(Status::resource_exhausted("Server is busy handling another request"));
         }
@@ -70,7 +112,14 @@ pub async fn start(version: &'static str, delay: Duration) -> (SocketAddr, Stand
     let addr = listener.local_addr().expect("addr");
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    let worker = StandIn { busy: Arc::default(), served: Arc::default(), version, delay };
+    let worker = StandIn {
+        busy: Arc::default(),
+        served: Arc::default(),
+        version,
+        delay,
+        received: Arc::default(),
+        mortal: None,
+    };
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(ApiServer::new(worker.clone()).max_decoding_message_size(1 << 26))
@@ -81,6 +130,56 @@ pub async fn start(version: &'static str, delay: Duration) -> (SocketAddr, Stand
             .serve_with_incoming(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             ),
+    );
+    (addr, worker)
+}
+
+/// Starts a MORTAL stand-in transaction worker: it answers like [`start`], except that a payload
+/// starting with `marker` kills it as a crash would kill a worker — its connections drop
+/// mid-request and its port refuses connections from then on.
+pub async fn start_mortal(
+    version: &'static str,
+    delay: Duration,
+    marker: &'static [u8],
+) -> (SocketAddr, StandIn) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let death = Arc::new(Death::default());
+    let worker = StandIn {
+        busy: Arc::default(),
+        served: Arc::default(),
+        version,
+        delay,
+        received: Arc::default(),
+        mortal: Some((marker, Arc::clone(&death))),
+    };
+    let (accepted, incoming) =
+        tokio::sync::mpsc::channel::<std::io::Result<tokio::net::TcpStream>>(16);
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                stream = listener.accept() => stream,
+                () = death.died.notified() => break,
+            };
+            let Ok((stream, _)) = stream else { continue };
+            let _ = stream.set_nodelay(true);
+            let stream = stream.into_std().expect("a tokio stream converts");
+            death.connections.lock().expect("connections").push(stream.try_clone().expect("dup"));
+            let stream = tokio::net::TcpStream::from_std(stream).expect("back to tokio");
+            if accepted.send(Ok(stream)).await.is_err() {
+                break;
+            }
+        }
+        // The listener is dropped here: connecting is refused from now on.
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ApiServer::new(worker.clone()).max_decoding_message_size(1 << 26))
+            .add_service(WorkerStatusApiServer::new(worker.clone()))
+            .add_service(health_service)
+            .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(incoming)),
     );
     (addr, worker)
 }
