@@ -58,6 +58,21 @@ impl StandIn {
         self.served.load(Ordering::SeqCst)
     }
 
+    fn new(
+        version: &'static str,
+        delay: Duration,
+        mortal: Option<(&'static [u8], Arc<Death>)>,
+    ) -> Self {
+        StandIn {
+            busy: Arc::default(),
+            served: Arc::default(),
+            version,
+            delay,
+            received: Arc::default(),
+            mortal,
+        }
+    }
+
     /// `Prove` calls that reached it.
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::SeqCst)
@@ -112,14 +127,7 @@ pub async fn start(version: &'static str, delay: Duration) -> (SocketAddr, Stand
     let addr = listener.local_addr().expect("addr");
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    let worker = StandIn {
-        busy: Arc::default(),
-        served: Arc::default(),
-        version,
-        delay,
-        received: Arc::default(),
-        mortal: None,
-    };
+    let worker = StandIn::new(version, delay, None);
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(ApiServer::new(worker.clone()).max_decoding_message_size(1 << 26))
@@ -147,14 +155,7 @@ pub async fn start_mortal(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     let death = Arc::new(Death::default());
-    let worker = StandIn {
-        busy: Arc::default(),
-        served: Arc::default(),
-        version,
-        delay,
-        received: Arc::default(),
-        mortal: Some((marker, Arc::clone(&death))),
-    };
+    let worker = StandIn::new(version, delay, Some((marker, Arc::clone(&death))));
     let (accepted, incoming) =
         tokio::sync::mpsc::channel::<std::io::Result<tokio::net::TcpStream>>(16);
     tokio::spawn(async move {
