@@ -9,7 +9,8 @@
 //!   50 ms and refuse a second request while busy, like a worker) — 8 of them, 109 KB payloads.
 //!   Added latency: 8 clients through the proxy against 8 clients calling the workers directly
 //!   (one each, no queueing either way). Throughput: 64 clients through the proxy, ≥ 2,000
-//!   requests, against the ideal 8 / 50 ms = 160 requests/s.
+//!   requests, against the ideal 8 / 50 ms = 160 requests/s. Then the added latency again with
+//!   stand-ins that sleep on Tokio's timer and answer 1 KB.
 //! - `real`: real proofs. 4 concurrent transaction requests through the proxy and one worker
 //!   against the same 4 proofs in-process one after another (wall ratio, and the proxy's CPU
 //!   seconds from /proc); then batch proofs through the proxy against in-process (medians).
@@ -28,15 +29,24 @@ use miden_proving_service::proto::api_client::ApiClient;
 use miden_proving_service::proto::{ProofRequest, ProofType};
 use miden_tx::LocalTransactionProver;
 use miden_tx_batch_prover::LocalBatchProver;
+use support::standin::Answer;
 use tonic::transport::Channel;
 
 const FAKE_DELAY: Duration = Duration::from_millis(50);
 const PAYLOAD_BYTES: usize = 109_000;
 
 async fn start_fake_workers(n: usize, version: &'static str) -> Vec<SocketAddr> {
+    start_fake_workers_answering(n, version, Answer::Proof).await
+}
+
+async fn start_fake_workers_answering(
+    n: usize,
+    version: &'static str,
+    answer: Answer,
+) -> Vec<SocketAddr> {
     let mut addrs = Vec::new();
     for _ in 0..n {
-        addrs.push(support::standin::start(version, FAKE_DELAY).await.0);
+        addrs.push(support::standin::start_answering(version, FAKE_DELAY, answer).await.0);
     }
     addrs
 }
@@ -151,6 +161,25 @@ async fn fake() {
         loaded.latencies.len() as f64 / loaded.wall.as_secs_f64() / 160.0 * 100.0,
         cpu,
         loaded.wall.as_secs_f64(),
+    );
+    drop(proxy);
+
+    // The same latency pair with stand-ins that sleep on Tokio's timer and answer 1 KB: the
+    // proxy's hop with the least payload to carry.
+    let workers = start_fake_workers_answering(8, env!("CARGO_PKG_VERSION"), Answer::Small).await;
+    let mut proxy = support::Launch::proxy_for("transaction", &workers).start_proxy().await;
+    proxy.wait_healthy(8, 8).await;
+    let direct = run_load(workers.clone(), 40, deadline).await;
+    let through = run_load(vec![proxy.daemon.addr; 8], 40, deadline).await;
+    println!("## fake workers on Tokio's timer (8 × {FAKE_DELAY:?}, 1 KB answers)");
+    println!("| rig | answered | throughput | p50 | p99 |");
+    println!("|---|---|---|---|---|");
+    report("8 clients → workers directly", &direct);
+    report("8 clients → proxy", &through);
+    println!(
+        "added by the proxy (8 clients, 1 KB answers): p50 {:.2} ms, p99 {:.2} ms",
+        ms(percentile(&through.latencies, 0.5)) - ms(percentile(&direct.latencies, 0.5)),
+        ms(percentile(&through.latencies, 0.99)) - ms(percentile(&direct.latencies, 0.99)),
     );
 }
 

@@ -27,6 +27,19 @@ pub struct StandIn {
     received: Arc<AtomicU64>,
     /// A mortal stand-in: the payload prefix it dies of, and how it dies.
     mortal: Option<(&'static [u8], Arc<Death>)>,
+    answer: Answer,
+}
+
+/// How a stand-in waits out its delay and what it answers.
+#[derive(Clone, Copy)]
+pub enum Answer {
+    /// Sleeps on a thread, within ~0.1 ms of the delay, and answers 84 KB, the size of a
+    /// transaction proof.
+    Proof,
+    /// Sleeps on Tokio's timer, which rounds up to its 1 ms ticks, and answers 1 KB: the
+    /// smallest answer, so that what the proxy adds shows on its own.
+    #[allow(dead_code, reason = "only the proxy benchmark asks for it")]
+    Small,
 }
 
 /// How a mortal stand-in dies: every connection it accepted is shut down, it stops listening.
@@ -62,6 +75,7 @@ impl StandIn {
         version: &'static str,
         delay: Duration,
         mortal: Option<(&'static [u8], Arc<Death>)>,
+        answer: Answer,
     ) -> Self {
         StandIn {
             busy: Arc::default(),
@@ -70,6 +84,7 @@ impl StandIn {
             delay,
             received: Arc::default(),
             mortal,
+            answer,
         }
     }
 
@@ -98,13 +113,23 @@ impl Api for StandIn {
         if self.busy.swap(true, Ordering::SeqCst) {
             return Err(Status::resource_exhausted("Server is busy handling another request"));
         }
-        // A thread's sleep keeps the delay to within ~0.1 ms; the runtime's timer wheel rounds
-        // up to its 1 ms ticks, which alone would cost a 50 ms stand-in 1–2 % of its throughput.
         let delay = self.delay;
-        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(delay)).await;
+        let size = match self.answer {
+            // A thread's sleep keeps the delay to within ~0.1 ms; the runtime's timer wheel
+            // rounds up to its 1 ms ticks, which alone would cost a 50 ms stand-in 1–2 % of its
+            // throughput.
+            Answer::Proof => {
+                let _ = tokio::task::spawn_blocking(move || std::thread::sleep(delay)).await;
+                84_000
+            }
+            Answer::Small => {
+                tokio::time::sleep(delay).await;
+                1_000
+            }
+        };
         self.busy.store(false, Ordering::SeqCst);
         self.served.fetch_add(1, Ordering::SeqCst);
-        Ok(Response::new(Proof { payload: vec![7; 84_000] }))
+        Ok(Response::new(Proof { payload: vec![7; size] }))
     }
 }
 
@@ -121,13 +146,22 @@ impl WorkerStatusApi for StandIn {
 }
 
 /// Starts a stand-in transaction worker on 127.0.0.1 reporting `version` (the upstream proxy
-/// only accepts workers of its own version) and answering after `delay`.
+/// only accepts workers of its own version) and answering an 84 KB proof after `delay`.
 pub async fn start(version: &'static str, delay: Duration) -> (SocketAddr, StandIn) {
+    start_answering(version, delay, Answer::Proof).await
+}
+
+/// Starts a stand-in transaction worker as [`start`] does, answering as `answer` says.
+pub async fn start_answering(
+    version: &'static str,
+    delay: Duration,
+    answer: Answer,
+) -> (SocketAddr, StandIn) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    let worker = StandIn::new(version, delay, None);
+    let worker = StandIn::new(version, delay, None, answer);
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(ApiServer::new(worker.clone()).max_decoding_message_size(1 << 26))
@@ -155,7 +189,7 @@ pub async fn start_mortal(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     let death = Arc::new(Death::default());
-    let worker = StandIn::new(version, delay, Some((marker, Arc::clone(&death))));
+    let worker = StandIn::new(version, delay, Some((marker, Arc::clone(&death))), Answer::Proof);
     let (accepted, incoming) =
         tokio::sync::mpsc::channel::<std::io::Result<tokio::net::TcpStream>>(16);
     tokio::spawn(async move {
