@@ -312,9 +312,12 @@ struct ProxyDefaults {
     workers: Vec<String>,
     prover_type: &'static str,
     bind_address: &'static str,
+    status_bind_address: &'static str,
     port: u16,
     status_port: u16,
     metrics_port: Option<u16>,
+    public_worker_addresses: bool,
+    max_workers: usize,
     timeout: &'static str,
     connection_timeout: &'static str,
     max_queue_items: usize,
@@ -345,9 +348,15 @@ const PROXY_DEFAULTS: ProxyDefaults = ProxyDefaults {
     workers: Vec::new(),
     prover_type: "transaction",
     bind_address: "0.0.0.0",
+    // "": the same as bind_address.
+    status_bind_address: "",
     port: 8082,
     status_port: 8083,
     metrics_port: None,
+    public_worker_addresses: true,
+    // Each worker costs a connection, a health check per interval and a line in every status
+    // answer; a cluster larger than this runs several proxies.
+    max_workers: 256,
     timeout: "100s",
     connection_timeout: "10s",
     max_queue_items: 10,
@@ -380,9 +389,12 @@ const PROXY_KEYS: &[&str] = &[
     "workers",
     "prover_type",
     "bind_address",
+    "status_bind_address",
     "port",
     "status_port",
     "metrics_port",
+    "public_worker_addresses",
+    "max_workers",
     "timeout",
     "connection_timeout",
     "max_queue_items",
@@ -418,12 +430,20 @@ pub struct ProxySettings {
     pub prover_type: ProofKind,
     /// Address every listener binds (0.0.0.0 by default; 127.0.0.1 keeps it local).
     pub bind_address: IpAddr,
+    /// Address the status and metrics ports bind (`status_bind_address`; `bind_address` unless
+    /// set).
+    pub status_bind_address: IpAddr,
     /// gRPC (h2c) and gRPC-web port.
     pub port: u16,
     /// Port of the JSON `GET /status` endpoint.
     pub status_port: u16,
     /// Port of the Prometheus `GET /metrics` endpoint; `None` turns metrics off.
     pub metrics_port: Option<u16>,
+    /// Whether the public `ProxyStatusApi/Status` answer (main port) names each worker's address;
+    /// when false it lists them as `worker-1`, `worker-2`, … (the status port still names them).
+    pub public_worker_addresses: bool,
+    /// Most workers the proxy holds, configured and added at run time together.
+    pub max_workers: usize,
     /// How long one attempt on a worker may take.
     pub timeout: Duration,
     /// How long connecting to a worker may take.
@@ -513,6 +533,9 @@ impl ProxyConfigSource {
         let bind_address = check.parse("bind_address", |s: String| {
             s.parse::<IpAddr>().map_err(|err| format!("`{s}` is not an IP address: {err}"))
         });
+        let status_bind_address = check.parse("status_bind_address", |s: String| ip_or_empty(&s));
+        let public_worker_addresses = check.get::<bool>("public_worker_addresses");
+        let max_workers = proxy_max_workers(&mut check, workers.as_deref());
         let port = check.get::<u16>("port");
         let status_port = check.get::<u16>("status_port");
         let metrics_port = check.optional::<u16>("metrics_port");
@@ -561,9 +584,14 @@ impl ProxyConfigSource {
             workers: workers.unwrap_or_else(missing),
             prover_type: prover_type.unwrap_or_else(missing),
             bind_address: bind_address.unwrap_or_else(missing),
+            status_bind_address: status_bind_address
+                .unwrap_or_else(missing)
+                .unwrap_or_else(|| bind_address.unwrap_or_else(missing)),
             port: port.unwrap_or_else(missing),
             status_port: status_port.unwrap_or_else(missing),
             metrics_port: metrics_port.unwrap_or_else(missing),
+            public_worker_addresses: public_worker_addresses.unwrap_or_else(missing),
+            max_workers: max_workers.unwrap_or_else(missing),
             timeout: timeout.unwrap_or_else(missing),
             connection_timeout: connection_timeout.unwrap_or_else(missing),
             max_queue_items: max_queue_items.unwrap_or_else(missing),
@@ -583,6 +611,33 @@ impl ProxyConfigSource {
             state_file: state_file.unwrap_or_else(missing),
         })
     }
+}
+
+/// An IP address, or `None` for "" (`bind_address` then applies).
+fn ip_or_empty(value: &str) -> Result<Option<IpAddr>, String> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value
+        .parse::<IpAddr>()
+        .map(Some)
+        .map_err(|err| format!("`{value}` is not an IP address (\"\": bind_address): {err}"))
+}
+
+/// `max_workers`, which the configured list may not exceed.
+fn proxy_max_workers(check: &mut Check<'_>, workers: Option<&[String]>) -> Option<usize> {
+    let max = check.positive::<usize>("max_workers")?;
+    if let Some(workers) = workers
+        && workers.len() > max
+    {
+        let origin = check.origin("workers");
+        check.problems.push(format!(
+            "{origin}: {} workers, more than max_workers ({max}); raise max_workers or split \
+             the workers across proxies",
+            workers.len()
+        ));
+    }
+    Some(max)
 }
 
 /// An absolute path, or `None` for "": what `off` names is then turned off.
@@ -1065,6 +1120,60 @@ mod tests {
             let settings = proxy_source().load().expect("valid");
             assert_eq!(settings.control_socket.as_deref(), Some(Path::new("/tmp/x/control.sock")));
             assert_eq!(settings.workers, ["10.0.0.7:50051", "prover.internal:50052"]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn status_ports_bind_apart_and_max_workers_bounds_the_configured_list() {
+        Jail::expect_with(|jail| {
+            let settings = proxy_source().load().expect("defaults are valid");
+            assert_eq!(settings.status_bind_address, settings.bind_address);
+            assert_eq!(settings.max_workers, 256);
+            assert!(settings.public_worker_addresses);
+            jail.set_env("MPS_BIND_ADDRESS", "127.0.0.2");
+            let settings = proxy_source().load().expect("valid");
+            assert_eq!(settings.status_bind_address, "127.0.0.2".parse::<IpAddr>().expect("ip"));
+            jail.create_file(
+                "proxy.toml",
+                "status_bind_address = \"::1\"\nmax_workers = 2\n\
+                 workers = [\"10.0.0.1:1\", \"10.0.0.2:1\", \"10.0.0.3:1\"]\n",
+            )?;
+            let err = proxy_source().load().expect_err("three workers");
+            assert!(
+                err.to_string().contains(
+                    "3 workers, more than max_workers (2); raise max_workers or split the \
+                     workers across proxies"
+                ),
+                "{err}"
+            );
+            jail.set_env("MPS_MAX_WORKERS", "3");
+            let settings = proxy_source().load().expect("valid");
+            assert_eq!(settings.status_bind_address, "::1".parse::<IpAddr>().expect("ip"));
+            assert_eq!(settings.bind_address, "127.0.0.2".parse::<IpAddr>().expect("ip"));
+            jail.set_env("MPS_STATUS_BIND_ADDRESS", "localhost");
+            let err = proxy_source().load().expect_err("a name");
+            assert!(err.to_string().contains("`localhost` is not an IP address"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_shipped_proxy_file_is_valid_shows_every_key_and_keeps_status_local() {
+        let shipped = include_str!("../etc/proxy.toml");
+        for key in PROXY_KEYS {
+            assert!(
+                shipped
+                    .lines()
+                    .any(|line| line.trim_start_matches('#').starts_with(&format!("{key} = "))),
+                "etc/proxy.toml does not show `{key}`"
+            );
+        }
+        Jail::expect_with(|jail| {
+            jail.create_file("proxy.toml", shipped)?;
+            let settings = proxy_source().load().expect("the shipped file is valid");
+            assert!(settings.status_bind_address.is_loopback(), "status and metrics stay local");
+            assert!(settings.bind_address.is_unspecified(), "the gRPC port stays public");
             Ok(())
         });
     }

@@ -24,6 +24,8 @@ pub enum Error {
     InvalidAddress(String),
     /// A worker to remove is not present.
     UnknownWorker(String),
+    /// The proxy holds `max_workers` workers already.
+    TooManyWorkers(String),
     /// The configuration file or environment is broken; nothing changed.
     ReloadFailed(String),
     /// The proxy is stopping.
@@ -36,6 +38,7 @@ impl From<ControlError> for Error {
         match err {
             ControlError::InvalidAddress(_) => Error::InvalidAddress(message),
             ControlError::UnknownWorker(_) => Error::UnknownWorker(message),
+            ControlError::TooManyWorkers(_) => Error::TooManyWorkers(message),
             ControlError::ReloadFailed(_) => Error::ReloadFailed(message),
             ControlError::ShuttingDown => Error::ShuttingDown(message),
         }

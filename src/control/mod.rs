@@ -19,7 +19,7 @@ use zvariant::Type;
 
 use crate::config::check_worker_address;
 use crate::proxy::Proxy;
-use crate::proxy::pool::{Health, Origin};
+use crate::proxy::pool::{AddError, Health, Origin};
 
 /// A reload asked for over the control socket, answered by the daemon's main loop (which owns
 /// the configuration) with a summary or the reason it failed.
@@ -34,6 +34,9 @@ pub enum ControlError {
     /// Removal of workers the proxy does not have; nothing was changed.
     #[error("{0}")]
     UnknownWorker(String),
+    /// Adding would exceed `max_workers`; the workers named before it were added.
+    #[error("{0}")]
+    TooManyWorkers(String),
     /// The configuration could not be reloaded; the running one stays in force.
     #[error("reload failed; the running configuration stays in force: {0}")]
     ReloadFailed(String),
@@ -84,7 +87,19 @@ impl Control {
         let pool = self.proxy.pool();
         let mut outcome = Vec::with_capacity(addresses.len());
         for address in addresses {
-            let added = pool.add(address, Origin::Runtime).map_err(ControlError::InvalidAddress)?;
+            let added = pool.add(address, Origin::Runtime).map_err(|err| match err {
+                AddError::InvalidAddress(message) => ControlError::InvalidAddress(message),
+                full @ AddError::Full(_) => ControlError::TooManyWorkers(format!(
+                    "{address} not added: {full}{}",
+                    if outcome.is_empty() {
+                        String::new()
+                    } else {
+                        let before: Vec<&str> =
+                            outcome.iter().map(|(a, _): &(String, bool)| a.as_str()).collect();
+                        format!("; the ones before it are in: {}", before.join(", "))
+                    }
+                )),
+            })?;
             if added {
                 info!(worker = %address, "worker added over the control socket");
             }

@@ -49,6 +49,15 @@ pub fn main(source: &ProxyConfigSource) -> ExitCode {
     process::run_daemon("miden-prover-proxy", source.load(), |settings| run(source, settings))
 }
 
+/// Forgets the rate limiter's idle clients every `PRUNE_INTERVAL`, forever.
+async fn prune(proxy: Arc<Proxy>) {
+    let mut every = tokio::time::interval(super::limit::PRUNE_INTERVAL);
+    loop {
+        every.tick().await;
+        proxy.prune_limiter();
+    }
+}
+
 async fn bind(
     ip: std::net::IpAddr,
     port: u16,
@@ -61,9 +70,9 @@ async fn bind(
 async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<(), DaemonError> {
     let telemetry = Telemetry::init("miden-prover-proxy", &settings.log_filter)?;
     let main = bind(settings.bind_address, settings.port, "port").await?;
-    let status = bind(settings.bind_address, settings.status_port, "status_port").await?;
+    let status = bind(settings.status_bind_address, settings.status_port, "status_port").await?;
     let metrics = match settings.metrics_port {
-        Some(port) => Some(bind(settings.bind_address, port, "metrics_port").await?),
+        Some(port) => Some(bind(settings.status_bind_address, port, "metrics_port").await?),
         None => None,
     };
     let control = settings.control_socket.as_deref().map(control::socket::bind).transpose()?;
@@ -124,16 +133,7 @@ async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<
         }))
     };
     let reporter = tokio::spawn(report_status(Arc::clone(&proxy)));
-    let pruner = {
-        let proxy = Arc::clone(&proxy);
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(super::limit::PRUNE_INTERVAL);
-            loop {
-                every.tick().await;
-                proxy.prune_limiter();
-            }
-        })
-    };
+    let pruner = tokio::spawn(prune(Arc::clone(&proxy)));
     systemd::ready(&proxy.status_line());
     if let Some(interval) = systemd::watchdog_interval() {
         systemd::spawn_watchdog(interval);
@@ -236,6 +236,9 @@ fn reload(
     if new.port != settings.port {
         restart.push("port");
     }
+    if new.status_bind_address != settings.status_bind_address {
+        restart.push("status_bind_address");
+    }
     if new.status_port != settings.status_port {
         restart.push("status_port");
     }
@@ -264,9 +267,13 @@ fn reload(
         }
     }
     for address in &new.workers {
-        if let Ok(true) = pool.add(address, Origin::Config) {
-            info!(worker = %address, "worker added from the configuration");
-            added.push(address.clone());
+        match pool.add(address, Origin::Config) {
+            Ok(true) => {
+                info!(worker = %address, "worker added from the configuration");
+                added.push(address.clone());
+            }
+            Ok(false) => {}
+            Err(err) => warn!(worker = %address, "worker from the configuration not added: {err}"),
         }
     }
     if new.log_filter != settings.log_filter
@@ -279,6 +286,7 @@ fn reload(
     *settings = ProxySettings {
         prover_type: kept.prover_type,
         bind_address: kept.bind_address,
+        status_bind_address: kept.status_bind_address,
         port: kept.port,
         status_port: kept.status_port,
         metrics_port: kept.metrics_port,

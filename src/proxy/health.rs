@@ -1,5 +1,5 @@
-//! The health loop: every interval, checks the workers that are due, all in parallel and outside
-//! the pool's lock, each with its own timeout: standard gRPC health, then `WorkerStatus` (proof
+//! The health loop: every interval, checks the workers that are due, in parallel (at most
+//! [`MAX_CONCURRENT_CHECKS`] at once) and outside the pool's lock, each with its own timeout: standard gRPC health, then `WorkerStatus` (proof
 //! type must match; version must share major.minor with the proxy). Failed workers stay in the
 //! list and are re-checked with exponential backoff (up to eight intervals); a recovered worker
 //! turns healthy and takes requests again.
@@ -18,6 +18,10 @@ use crate::ProofKind;
 use crate::proto::ProofType;
 use crate::proto::worker_status_api_client::WorkerStatusApiClient;
 
+/// Health checks under way at once, at most: with `max_workers` workers all due together, the
+/// rest wait for a free slot rather than open hundreds of connections in one burst.
+pub const MAX_CONCURRENT_CHECKS: usize = 32;
+
 /// Runs health checks forever (the daemon aborts the task at shutdown). `settings` yields the
 /// current interval and per-check timeout, so a reload takes effect at the next round.
 pub async fn run(
@@ -25,13 +29,17 @@ pub async fn run(
     kind: ProofKind,
     settings: impl Fn() -> (Duration, Duration) + Send + 'static,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CHECKS));
     loop {
         let (every, timeout) = settings();
         let now = Instant::now();
         let mut checks = tokio::task::JoinSet::new();
         for (address, channel, failed) in pool.due_for_check(now) {
             let pool = Arc::clone(&pool);
+            let slots = Arc::clone(&slots);
             checks.spawn(async move {
+                // The semaphore is never closed.
+                let Ok(_slot) = slots.acquire().await else { return };
                 let result = tokio::time::timeout(timeout, check(channel, kind))
                     .await
                     .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
@@ -112,4 +120,60 @@ pub fn capitalised(kind: ProofKind) -> &'static str {
 fn same_minor(a: &str, b: &str) -> bool {
     let major_minor = |v: &str| v.split('.').take(2).map(str::to_owned).collect::<Vec<_>>();
     major_minor(a) == major_minor(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::proxy::pool::{ChannelSettings, Origin};
+
+    /// 40 workers that accept connections and never answer: the first round opens exactly
+    /// `MAX_CONCURRENT_CHECKS` connections; the others follow as those checks time out.
+    #[tokio::test]
+    async fn no_more_than_the_cap_of_health_checks_run_at_once() {
+        let settings = ChannelSettings {
+            connect_timeout: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+        };
+        let pool = WorkerPool::new(10, 64, settings);
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let mut held = Vec::new();
+        for _ in 0..40 {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let address = listener.local_addr().expect("addr").to_string();
+            pool.add(&address, Origin::Config).expect("add");
+            let accepted = Arc::clone(&accepted);
+            held.push(tokio::spawn(async move {
+                let mut silent = Vec::new();
+                while let Ok((stream, _)) = listener.accept().await {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    silent.push(stream);
+                }
+            }));
+        }
+        let timeout = Duration::from_secs(3);
+        let checks = tokio::spawn(run(Arc::clone(&pool), ProofKind::Transaction, move || {
+            (Duration::from_secs(60), timeout)
+        }));
+        let count = || accepted.load(Ordering::SeqCst);
+        let started = Instant::now();
+        while count() < MAX_CONCURRENT_CHECKS {
+            assert!(started.elapsed() < Duration::from_secs(10), "only {} checks started", count());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Until the first checks time out, none of the remaining eight may start.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(count(), MAX_CONCURRENT_CHECKS, "checks beyond the cap started");
+        while count() < 40 {
+            assert!(started.elapsed() < Duration::from_secs(10), "the rest never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        checks.abort();
+        for task in held {
+            task.abort();
+        }
+    }
 }

@@ -57,6 +57,8 @@ pub struct LiveSettings {
     pub client_bounds: ClientBounds,
     /// Health-check interval and per-check timeout.
     pub health_check: (Duration, Duration),
+    /// Whether `ProxyStatusApi/Status` names the workers' addresses.
+    pub public_worker_addresses: bool,
 }
 
 impl From<&ProxySettings> for LiveSettings {
@@ -71,6 +73,7 @@ impl From<&ProxySettings> for LiveSettings {
             trusted_forwarders: s.trusted_forwarders.clone(),
             client_bounds: s.client_bounds,
             health_check: (s.health_check_interval, s.health_check_timeout),
+            public_worker_addresses: s.public_worker_addresses,
         }
     }
 }
@@ -103,7 +106,11 @@ pub struct Proxy {
 impl Proxy {
     /// A proxy for `settings.prover_type` with the configured workers (not yet checked).
     pub fn new(settings: &ProxySettings) -> Arc<Self> {
-        let pool = WorkerPool::new(settings.max_queue_items, channel_settings(settings));
+        let pool = WorkerPool::new(
+            settings.max_queue_items,
+            settings.max_workers,
+            channel_settings(settings),
+        );
         for address in &settings.workers {
             // Addresses were validated with the configuration.
             let _ = pool.add(address, Origin::Config);
@@ -140,7 +147,11 @@ impl Proxy {
     pub fn set_live(&self, settings: &ProxySettings) {
         *self.live.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
             LiveSettings::from(settings);
-        self.pool.set_limits(settings.max_queue_items, channel_settings(settings));
+        self.pool.set_limits(
+            settings.max_queue_items,
+            settings.max_workers,
+            channel_settings(settings),
+        );
     }
 
     /// The client a request on a connection from `peer` comes from (see [`limit::client_address`]).
@@ -453,8 +464,14 @@ impl Proxy {
         )))
     }
 
-    /// The answer to `ProxyStatusApi/Status`.
+    /// The answer to `ProxyStatusApi/Status`, on the public port: without the workers'
+    /// addresses unless `public_worker_addresses` (they are `worker-1`, `worker-2`, … then).
     pub fn status(&self) -> proto::ProxyStatus {
+        let addresses = self
+            .live
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .public_worker_addresses;
         proto::ProxyStatus {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             supported_proof_type: ProofType::from(self.kind).into(),
@@ -462,8 +479,9 @@ impl Proxy {
                 .pool
                 .snapshot()
                 .into_iter()
-                .map(|w| proto::ProxyWorkerStatus {
-                    address: w.address,
+                .enumerate()
+                .map(|(index, w)| proto::ProxyWorkerStatus {
+                    address: if addresses { w.address } else { format!("worker-{}", index + 1) },
                     version: w.version,
                     status: match w.health {
                         Health::Unknown => proto::WorkerHealthStatus::Unknown,

@@ -80,12 +80,31 @@ pub enum AcquireError {
     ShuttingDown,
 }
 
+/// Why a worker was not added.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    /// Not `host:port`.
+    #[error("{0}")]
+    InvalidAddress(String),
+    /// The pool holds `max_workers` already.
+    #[error(
+        "the proxy has {0} workers, its max_workers; remove one (`minedctl remove-worker`) or \
+         raise max_workers"
+    )]
+    Full(usize),
+}
+
 struct WorkerEntry {
     /// Unique for the pool's life: a worker removed while busy and added again is a new entry,
     /// and each lease frees its own.
     id: u64,
     address: String,
     channel: Channel,
+    /// What the channel was made with: when a reload changed the pool's settings, the channel
+    /// is made anew once the worker is idle.
+    made_with: ChannelSettings,
+    /// Channels made anew for it after reloads.
+    renewed: u32,
     version: String,
     health: Health,
     busy: bool,
@@ -134,13 +153,15 @@ struct State {
     next_waiter: u64,
     next_worker: u64,
     max_queue: usize,
+    max_workers: usize,
     closed: bool,
     /// Requests admitted (queued or running) and not yet finished, for the shutdown drain.
     in_flight: usize,
 }
 
-/// How the proxy's connections to its workers behave (for workers added from now on).
-#[derive(Clone, Copy, Debug)]
+/// How the proxy's connections to its workers behave; a reload that changes them makes each
+/// worker's connection anew once the worker is idle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChannelSettings {
     /// TCP connect timeout (`connection_timeout`).
     pub connect_timeout: Duration,
@@ -203,8 +224,13 @@ impl Drop for Admission {
 }
 
 impl WorkerPool {
-    /// An empty pool whose queue holds `max_queue` waiting requests.
-    pub fn new(max_queue: usize, channel_settings: ChannelSettings) -> Arc<Self> {
+    /// An empty pool whose queue holds `max_queue` waiting requests and that holds at most
+    /// `max_workers` workers.
+    pub fn new(
+        max_queue: usize,
+        max_workers: usize,
+        channel_settings: ChannelSettings,
+    ) -> Arc<Self> {
         Arc::new(WorkerPool {
             state: Mutex::new(State {
                 workers: Vec::new(),
@@ -212,6 +238,7 @@ impl WorkerPool {
                 next_waiter: 0,
                 next_worker: 0,
                 max_queue,
+                max_workers,
                 closed: false,
                 in_flight: 0,
             }),
@@ -243,18 +270,10 @@ impl WorkerPool {
     /// Adds a worker (unchecked: it takes requests once a health check passes). Returns false
     /// when it is already present (a present worker named by the configuration becomes a
     /// configured one). Does no network I/O: the channel connects on first use.
-    pub fn add(&self, address: &str, origin: Origin) -> Result<bool, String> {
-        crate::config::check_worker_address(address)?;
-        let settings =
-            *self.channel_settings.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|err| format!("`{address}`: {err}"))?
-            .connect_timeout(settings.connect_timeout)
-            .http2_keep_alive_interval(settings.keepalive_interval)
-            .keep_alive_timeout(settings.keepalive_timeout)
-            .tcp_nodelay(true)
-            .initial_stream_window_size(Some(16 << 20))
-            .initial_connection_window_size(Some(16 << 20));
+    pub fn add(&self, address: &str, origin: Origin) -> Result<bool, AddError> {
+        crate::config::check_worker_address(address).map_err(AddError::InvalidAddress)?;
+        let settings = self.channel_settings();
+        let channel = connect_lazy(address, settings)?;
         let mut state = self.lock();
         if let Some(present) = state.workers.iter_mut().find(|w| w.address == address && !w.removed)
         {
@@ -265,12 +284,18 @@ impl WorkerPool {
             }
             return Ok(false);
         }
+        let present = state.workers.iter().filter(|w| !w.removed).count();
+        if present >= state.max_workers {
+            return Err(AddError::Full(state.max_workers));
+        }
         let id = state.next_worker;
         state.next_worker += 1;
         state.workers.push(WorkerEntry {
             id,
             address: address.to_owned(),
-            channel: endpoint.connect_lazy(),
+            channel,
+            made_with: settings,
+            renewed: 0,
             version: String::new(),
             health: Health::Unknown,
             busy: false,
@@ -410,6 +435,8 @@ impl WorkerPool {
             worker.served += 1;
             if worker.removed {
                 state.workers.remove(index);
+            } else {
+                renew_if_stale(worker, self.channel_settings());
             }
         }
         dispatch(&mut state);
@@ -510,11 +537,41 @@ impl WorkerPool {
         (state.waiters.len(), state.max_queue)
     }
 
-    /// Changes the queue bound (reload); requests already queued stay.
-    pub fn set_limits(&self, max_queue: usize, channel_settings: ChannelSettings) {
-        self.lock().max_queue = max_queue;
+    /// Changes the bounds (reload): requests already queued stay, and so do workers beyond a
+    /// lowered `max_workers` (only adding is refused). When the connection settings changed,
+    /// idle workers get a new connection made with them at once, busy ones when their request
+    /// ends.
+    pub fn set_limits(
+        &self,
+        max_queue: usize,
+        max_workers: usize,
+        channel_settings: ChannelSettings,
+    ) {
+        let mut state = self.lock();
+        state.max_queue = max_queue;
+        state.max_workers = max_workers;
         *self.channel_settings.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
             channel_settings;
+        // Busy workers follow when their request ends (`release`).
+        for worker in state.workers.iter_mut().filter(|w| !w.removed && !w.busy) {
+            renew_if_stale(worker, channel_settings);
+        }
+    }
+
+    fn channel_settings(&self) -> ChannelSettings {
+        *self.channel_settings.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Each worker's address, how often its connection was made anew after a reload, and
+    /// whether it waits for that (tests).
+    #[cfg(test)]
+    fn renewals(&self) -> Vec<(String, u32, bool)> {
+        let current = self.channel_settings();
+        self.lock()
+            .workers
+            .iter()
+            .map(|w| (w.address.clone(), w.renewed, w.made_with != current))
+            .collect()
     }
 
     /// Stops admitting requests; queued and running ones go on.
@@ -526,6 +583,33 @@ impl WorkerPool {
     /// Requests admitted and not yet finished.
     pub fn in_flight(&self) -> usize {
         self.lock().in_flight
+    }
+}
+
+/// A channel to `address` made with `settings`; connects on first use.
+fn connect_lazy(address: &str, settings: ChannelSettings) -> Result<Channel, AddError> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|err| AddError::InvalidAddress(format!("`{address}`: {err}")))?
+        .connect_timeout(settings.connect_timeout)
+        .http2_keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(16 << 20));
+    Ok(endpoint.connect_lazy())
+}
+
+/// Gives an idle worker whose channel was made with other settings one made with `settings`;
+/// the old one closes once its last clone (a health check under way) is gone.
+fn renew_if_stale(worker: &mut WorkerEntry, settings: ChannelSettings) {
+    if worker.made_with == settings {
+        return;
+    }
+    // The address was accepted when the worker was added.
+    if let Ok(channel) = connect_lazy(&worker.address, settings) {
+        worker.channel = channel;
+        worker.made_with = settings;
+        worker.renewed += 1;
     }
 }
 
@@ -577,6 +661,8 @@ impl Drop for Waiting {
             state.workers[index].busy = false;
             if state.workers[index].removed {
                 state.workers.remove(index);
+            } else {
+                renew_if_stale(&mut state.workers[index], self.pool.channel_settings());
             }
             dispatch(&mut state);
         }
@@ -584,5 +670,62 @@ impl Drop for Waiting {
         if left_queue {
             self.pool.notify();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(connect_timeout: u64) -> ChannelSettings {
+        ChannelSettings {
+            connect_timeout: Duration::from_secs(connect_timeout),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(2),
+        }
+    }
+
+    #[tokio::test]
+    async fn max_workers_refuses_the_next_worker_and_counts_configured_and_runtime_alike() {
+        let pool = WorkerPool::new(10, 2, settings(10));
+        assert!(pool.add("127.0.0.1:1", Origin::Config).expect("first"));
+        assert!(pool.add("127.0.0.1:2", Origin::Runtime).expect("second"));
+        // Already present: no new worker, so no refusal either.
+        assert!(!pool.add("127.0.0.1:2", Origin::Config).expect("present"));
+        let err = pool.add("127.0.0.1:3", Origin::Runtime).expect_err("third");
+        assert!(matches!(err, AddError::Full(2)), "{err:?}");
+        assert!(err.to_string().contains("raise max_workers"), "{err}");
+        assert_eq!(pool.snapshot().len(), 2);
+        // Room again once one is removed; a lowered bound keeps the present ones.
+        assert!(pool.remove("127.0.0.1:1"));
+        assert!(pool.add("127.0.0.1:3", Origin::Runtime).expect("room again"));
+        pool.set_limits(10, 1, settings(10));
+        assert_eq!(pool.snapshot().len(), 2);
+        assert!(matches!(pool.add("127.0.0.1:4", Origin::Runtime), Err(AddError::Full(1))));
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_changes_connection_settings_renews_idle_workers_now_busy_ones_later() {
+        let pool = WorkerPool::new(10, 8, settings(10));
+        for address in ["127.0.0.1:1", "127.0.0.1:2"] {
+            pool.add(address, Origin::Config).expect("add");
+            pool.set_health(address, Health::Healthy, None, Instant::now());
+        }
+        let lease = pool.acquire(&[], false).await.expect("lease");
+        let busy = lease.address().to_owned();
+        // Unchanged settings renew nothing.
+        pool.set_limits(10, 8, settings(10));
+        assert!(pool.renewals().iter().all(|(_, renewed, stale)| *renewed == 0 && !stale));
+
+        pool.set_limits(10, 8, settings(3));
+        for (address, renewed, stale) in pool.renewals() {
+            if address == busy {
+                assert_eq!((renewed, stale), (0, true), "the busy worker waits for its request");
+            } else {
+                assert_eq!((renewed, stale), (1, false), "an idle worker is renewed at once");
+            }
+        }
+        drop(lease);
+        assert!(pool.renewals().iter().all(|(_, renewed, stale)| *renewed == 1 && !stale));
     }
 }

@@ -125,8 +125,10 @@ pub fn restore(pool: &WorkerPool, path: &Path) {
     };
     let mut restored = 0;
     for address in &workers {
-        if let Ok(true) = pool.add(address, Origin::Runtime) {
-            restored += 1;
+        match pool.add(address, Origin::Runtime) {
+            Ok(true) => restored += 1,
+            Ok(false) => {}
+            Err(err) => warn!(worker = %address, "a worker added at run time not restored: {err}"),
         }
     }
     info!(

@@ -464,3 +464,53 @@ async fn workers_added_at_run_time_survive_a_restart_and_a_damaged_state_file_is
     wait_for_state(&file, &["127.0.0.1:5"]).await;
     proxy_stops_cleanly(&mut proxy).await;
 }
+
+/// `max_workers` counts configured and run-time workers together: `minedctl add-worker` beyond
+/// it is refused with what to do, and nothing is added. With `public_worker_addresses = false`
+/// the public `ProxyStatusApi/Status` answer names no address; the status port still does.
+#[tokio::test]
+async fn max_workers_refuses_one_more_and_public_status_can_hide_worker_addresses() {
+    let (delay, version) = (Duration::from_millis(5), env!("CARGO_PKG_VERSION"));
+    let (configured, _) = standin::start(version, delay).await;
+    let (added, _) = standin::start(version, delay).await;
+    let (refused, _) = standin::start(version, delay).await;
+    let mut launch = Launch::proxy_for("transaction", &[configured]);
+    launch.command.env("MPS_MAX_WORKERS", "2").env("MPS_PUBLIC_WORKER_ADDRESSES", "false");
+    let mut proxy = launch.start_proxy().await;
+    proxy.wait_healthy(1, 1).await;
+    let socket = proxy.control.clone();
+    let (configured, added, refused) =
+        (configured.to_string(), added.to_string(), refused.to_string());
+
+    let first = ctl(&socket, &["add-worker", &added]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let over = ctl(&socket, &["add-worker", &refused]);
+    assert_eq!(over.status.code(), Some(1), "{}", stdout(&over));
+    let message = stderr(&over);
+    assert!(
+        message.contains(&format!("{refused} not added"))
+            && message.contains("max_workers")
+            && message.contains("minedctl remove-worker"),
+        "{message}"
+    );
+    assert_eq!(worker_set(&socket), pairs(&[(&configured, "config"), (&added, "runtime")]));
+    proxy.wait_healthy(2, 2).await;
+
+    let public = miden_proving_service::proto::proxy_status_api_client::ProxyStatusApiClient::new(
+        proxy.daemon.channel().await,
+    )
+    .status(())
+    .await
+    .expect("ProxyStatusApi/Status")
+    .into_inner();
+    let names: Vec<&str> = public.workers.iter().map(|w| w.address.as_str()).collect();
+    assert_eq!(names, ["worker-1", "worker-2"]);
+    let status = proxy.status_json().await;
+    let listed: Vec<&str> = status["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .filter_map(|w| w["address"].as_str())
+        .collect();
+    assert!(listed.contains(&configured.as_str()) && listed.contains(&added.as_str()), "{status}");
+}
