@@ -94,7 +94,23 @@ echo "   miden-prover-proxy StatusText: $(show miden-prover-proxy StatusText)"
 for unit in miden-prover miden-prover-proxy; do
     [ "$(show $unit User)" = "$unit" ] && in_ct getent passwd "$unit" >/dev/null &&
         pass "$unit runs as its own system user" || fail "$unit user"
+    # Descriptors above every connection bound (a soft limit of 1024 ran out at ~1,000 idle
+    # connections): the unit's LimitNOFILE=65536, or the machine's hard limit where that is
+    # lower (systemd cannot raise a limit above the one it runs under).
+    pid=$(show $unit MainPID)
+    limit=$(in_ct awk '/^Max open files/ {print $4}' /proc/$pid/limits)
+    hard=$(in_ct awk '/^Max open files/ {print $5}' /proc/1/limits)
+    want=65536
+    [ "$hard" = unlimited ] || [ "$hard" -ge $want ] || want=$hard
+    [ "$limit" = "$want" ] && pass "$unit may open $limit descriptors (LimitNOFILE=65536, hard limit $hard)" ||
+        fail "$unit descriptor limit: $limit, not $want (LimitNOFILE=65536, hard limit $hard)"
 done
+# As installed, the proxy's gRPC port is public and its status port local (/proc/net/tcp: hex
+# address:port, state 0A is LISTEN).
+listening() { in_ct awk -v want="$1" '$2 == want && $4 == "0A" {found=1} END {exit !found}' /proc/net/tcp; }
+listening 00000000:1F92 && listening 0100007F:1F93 && ! listening 00000000:1F93 &&
+    pass "the proxy's gRPC port 8082 listens on 0.0.0.0, its status port 8083 on 127.0.0.1" ||
+    fail "proxy listeners: $(in_ct awk '$4 == "0A" {print $2}' /proc/net/tcp | tr '\n' ' ')"
 # The program picks its build at start: x86-64-v3 where the CPU has AVX2 & co, otherwise generic.
 want=x86-64-v3
 for flag in avx avx2 bmi1 bmi2 cx16 f16c fma abm movbe popcnt pni sse4_1 sse4_2 ssse3 xsave; do
@@ -138,6 +154,23 @@ fi
 workers=$(in_ct minedctl workers)
 echo "$workers" | grep -q 127.0.0.1:50051 && ! echo "$workers" | grep -q 127.0.0.1:50054 &&
     pass "nothing added by nobody" || fail "worker list after nobody's attempt: $workers"
+
+say "systemctl restart miden-prover-proxy: the worker added with minedctl comes back"
+state=/var/lib/miden-prover-proxy/workers
+wait_for 10 "$state lists 127.0.0.1:50053" in_ct grep -qx 127.0.0.1:50053 $state ||
+    echo "$state: $(in_ct cat $state 2>&1)"
+since=$(in_ct date '+%Y-%m-%d %H:%M:%S')
+in_ct systemctl restart miden-prover-proxy
+runtime_worker() {
+    in_ct minedctl workers --json | python3 -c 'import json, sys
+sys.exit(not any(w["address"] == sys.argv[1] and w["origin"] == "runtime" for w in json.load(sys.stdin)))' "$1"
+}
+restored() {
+    in_ct journalctl -u miden-prover-proxy --since "$since" --no-pager |
+        grep -q 'restored 1 workers added at run time'
+}
+wait_for 30 "127.0.0.1:50053 is back as a runtime worker" runtime_worker 127.0.0.1:50053
+wait_for 10 "the journal says it restored it" restored
 in_ct minedctl remove-worker 127.0.0.1:50053 >/dev/null
 
 say "journalctl -u miden-prover -o json: structured fields and PRIORITY"
@@ -194,7 +227,8 @@ for user in miden-prover miden-prover-proxy; do
     in_ct getent passwd $user >/dev/null && left="$left user:$user"
     in_ct getent group $user >/dev/null && left="$left group:$user"
 done
-for path in /etc/miden-prover /etc/miden-prover-proxy /usr/bin/miden-proving-service \
+for path in /etc/miden-prover /etc/miden-prover-proxy /var/lib/miden-prover-proxy \
+    /usr/bin/miden-proving-service \
     /usr/bin/minedctl /usr/lib/miden-proving-service /usr/lib/systemd/system/miden-prover.service \
     /usr/lib/systemd/system/miden-prover-proxy.service /usr/lib/sysusers.d/miden-prover.conf \
     /etc/systemd/system/multi-user.target.wants/miden-prover.service \
