@@ -19,7 +19,7 @@ profile=${MPS_DEB_PROFILE:-release}
 case $profile in
 release) generic=(--release --bins --example gen_assets) fast=(--release --bins) out=release ;;
 # The same target selection as .ci/run's builds, so that nothing is rebuilt with other features.
-dev) generic=(--bins --examples) fast=(--bins --examples) out=debug ;;
+dev) generic=(--bins --examples) fast=(--bins) out=debug ;;
 *) echo "build-debs: MPS_DEB_PROFILE is release or dev, not '$profile'" >&2; exit 2 ;;
 esac
 if ! cargo deb --version >/dev/null 2>&1; then
