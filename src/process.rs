@@ -63,3 +63,30 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// Makes room for `needed` descriptors, what `settings` (named in the warning) may open: raises
+/// the soft `RLIMIT_NOFILE` to the hard one (systemd's default soft limit is 1024; the units set
+/// both higher) and warns when even that is short, since running out means refused connections,
+/// not a crash (accept errors pause accepting). Returns whether the limit leaves that room.
+pub fn descriptor_headroom(needed: u64, settings: &str) -> bool {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return true };
+    let mut limit = soft;
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        tracing::info!(
+            from = soft,
+            to = hard,
+            "raised the descriptor limit (RLIMIT_NOFILE) to its maximum"
+        );
+        limit = hard;
+    }
+    if limit < needed {
+        tracing::warn!(
+            limit,
+            needed,
+            "{settings} need more descriptors than RLIMIT_NOFILE allows; lower them or raise \
+             LimitNOFILE= in the unit"
+        );
+    }
+    limit >= needed
+}

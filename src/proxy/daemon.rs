@@ -80,6 +80,7 @@ async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
 
+    descriptor_headroom(&settings);
     let proxy = Proxy::new(&settings);
     if let Some(path) = &settings.state_file {
         state::restore(proxy.pool(), path);
@@ -210,6 +211,14 @@ async fn report_status(proxy: Arc<Proxy>) {
     }
 }
 
+/// Descriptors the proxy may need: one per client connection (all ports together), a channel and
+/// a health check's per worker, and the runtime's own (journal, control socket, state file).
+fn descriptor_headroom(settings: &ProxySettings) {
+    let needed =
+        settings.client_bounds.max_connections as u64 + 2 * settings.max_workers as u64 + 64;
+    crate::process::descriptor_headroom(needed, "max_connections and max_workers");
+}
+
 /// SIGHUP or the control plane's `Reload`: re-reads file and environment; reconciles the
 /// configured workers (run-time additions stay), applies live settings and names those that need
 /// a restart. A broken file changes nothing. Returns what changed, or why nothing did.
@@ -282,6 +291,7 @@ fn reload(
         warn!(error = %err, "keeping the previous log filter");
     }
     proxy.set_live(&new);
+    descriptor_headroom(&new);
     let kept = settings.clone();
     *settings = ProxySettings {
         prover_type: kept.prover_type,

@@ -63,7 +63,12 @@ async fn serve_until_stopped(
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
 
-    descriptor_headroom(settings.bounds.max_connections);
+    // A served and a waiting descriptor per connection, six pipes for a proof and its spare,
+    // and the runtime's own.
+    crate::process::descriptor_headroom(
+        2 * settings.bounds.max_connections as u64 + 64,
+        "max_connections",
+    );
     let worker = Worker::new(settings.prover_type, settings.limits, settings.bounds)
         .map_err(DaemonError::OwnPath)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -120,28 +125,6 @@ async fn serve_until_stopped(
     }
     worker.shutdown().await;
     Ok(())
-}
-
-/// Descriptors the worker may need: a served and a waiting one per connection, six pipes for a
-/// proof and its spare, and the runtime's own. Raises the soft `RLIMIT_NOFILE` to the hard one
-/// (systemd's default soft limit is 1024) and warns when even that leaves no headroom, since
-/// running out means refused connections, not a crash (accept errors pause accepting).
-fn descriptor_headroom(max_connections: usize) {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let needed = 2 * max_connections as u64 + 64;
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
-    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-        info!(from = soft, to = hard, "raised the descriptor limit (RLIMIT_NOFILE) to its maximum");
-    }
-    let limit = soft.max(hard);
-    if limit < needed {
-        warn!(
-            limit,
-            needed,
-            "max_connections needs more descriptors than RLIMIT_NOFILE allows; lower it or raise \
-             LimitNOFILE= in the unit"
-        );
-    }
 }
 
 /// SIGHUP: re-reads the file and the environment, applies what can change live (log filter,

@@ -200,6 +200,12 @@ async fn two_thousand_idle_connections_at_1024_descriptors_leave_the_proxy_servi
     let mut proxy = launch.start_proxy().await;
     proxy.wait_healthy(1, 1).await;
     let pid = proxy.daemon.pid;
+    // 900 connections and 256 workers need more than 1,024 descriptors: the operator is told.
+    assert!(
+        proxy.daemon.output().contains("need more descriptors than RLIMIT_NOFILE allows"),
+        "{}",
+        proxy.daemon.output()
+    );
 
     let mut idle = Vec::new();
     for _ in 0..2000 {
