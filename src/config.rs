@@ -324,6 +324,8 @@ struct ProxyDefaults {
     max_queue_wait: &'static str,
     max_retries_per_request: u32,
     poison_ttl: &'static str,
+    proof_cache_size: &'static str,
+    proof_cache_ttl: &'static str,
     max_req_per_sec: u32,
     rate_limit_ipv6_prefix: u8,
     trusted_forwarders: Vec<String>,
@@ -363,6 +365,10 @@ const PROXY_DEFAULTS: ProxyDefaults = ProxyDefaults {
     max_queue_wait: "100s",
     max_retries_per_request: 1,
     poison_ttl: "1h",
+    // A few minutes of a busy proxy's proofs: a transaction proof is ≈ 84 KB, so 64 MiB holds
+    // some 780 of them; a client that timed out asks again within seconds.
+    proof_cache_size: "64MiB",
+    proof_cache_ttl: "5m",
     max_req_per_sec: 5,
     rate_limit_ipv6_prefix: 64,
     trusted_forwarders: Vec::new(),
@@ -401,6 +407,8 @@ const PROXY_KEYS: &[&str] = &[
     "max_queue_wait",
     "max_retries_per_request",
     "poison_ttl",
+    "proof_cache_size",
+    "proof_cache_ttl",
     "max_req_per_sec",
     "rate_limit_ipv6_prefix",
     "trusted_forwarders",
@@ -458,6 +466,11 @@ pub struct ProxySettings {
     /// refused at once; zero turns the refusal off (the per-request cap of one retry after a
     /// worker died stays).
     pub poison_ttl: Duration,
+    /// Bytes of finished proofs kept to answer identical requests; zero keeps none (identical
+    /// requests still share a running proof, and one nobody waits for any more is cancelled).
+    pub proof_cache_size: usize,
+    /// How long a finished proof is kept; zero keeps none.
+    pub proof_cache_ttl: Duration,
     /// Requests per second one client IP may make; more get `RESOURCE_EXHAUSTED`.
     pub max_req_per_sec: u32,
     /// IPv6 clients are limited by this prefix of their address (64: one host's allocation).
@@ -545,6 +558,10 @@ impl ProxyConfigSource {
         let max_queue_wait = check.duration("max_queue_wait");
         let max_retries_per_request = check.get::<u32>("max_retries_per_request");
         let poison_ttl = check.duration("poison_ttl");
+        let proof_cache_size = check
+            .size("proof_cache_size", 0, u64::MAX)
+            .map(|size| usize::try_from(size).unwrap_or(usize::MAX));
+        let proof_cache_ttl = check.duration("proof_cache_ttl");
         let max_req_per_sec = check.get::<u32>("max_req_per_sec");
         let rate_limit_ipv6_prefix = check.get::<u8>("rate_limit_ipv6_prefix").and_then(|p| {
             if (1..=128).contains(&p) {
@@ -598,6 +615,8 @@ impl ProxyConfigSource {
             max_queue_wait: max_queue_wait.unwrap_or_else(missing),
             max_retries_per_request: max_retries_per_request.unwrap_or_else(missing),
             poison_ttl: poison_ttl.unwrap_or_else(missing),
+            proof_cache_size: proof_cache_size.unwrap_or_else(missing),
+            proof_cache_ttl: proof_cache_ttl.unwrap_or_else(missing),
             max_req_per_sec: max_req_per_sec.unwrap_or_else(missing),
             rate_limit_ipv6_prefix: rate_limit_ipv6_prefix.unwrap_or_else(missing),
             trusted_forwarders: trusted_forwarders.unwrap_or_else(missing),

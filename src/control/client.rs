@@ -236,7 +236,8 @@ fn table(workers: &[WorkerInfo]) -> String {
     text
 }
 
-/// "transaction proxy 0.1.0: 2/3 workers healthy, 1 busy; queue 0/10; 42 requests served".
+/// "transaction proxy 0.1.0: 2/3 workers healthy, 1 busy; queue 0/10; 42 requests served",
+/// and a line on the proof cache.
 fn summary(status: &serde_json::Value) -> String {
     let workers = status["workers"].as_array().map_or(&[][..], Vec::as_slice);
     let healthy = workers.iter().filter(|w| w["status"] == "Healthy").count();
@@ -249,5 +250,36 @@ fn summary(status: &serde_json::Value) -> String {
         status["queue"]["length"],
         status["queue"]["max"],
         status["requests_served"],
+    ) + &proof_cache_line(&status["proof_cache"])
+}
+
+/// "proof cache: 3 proofs, 252 KB of 64 MiB, kept 5m; 5 hits, 2 joins, 4 misses, 0 evictions".
+fn proof_cache_line(cache: &serde_json::Value) -> String {
+    let Some(max) = cache["max_bytes"].as_u64() else { return String::new() };
+    let ttl = std::time::Duration::from_secs(cache["ttl_seconds"].as_u64().unwrap_or(0));
+    let kept = if max == 0 || ttl.is_zero() {
+        "off (identical running requests are still shared)".to_owned()
+    } else {
+        format!(
+            "{} proofs, {} of {}, kept {}",
+            cache["proofs"],
+            size(cache["bytes"].as_u64().unwrap_or(0)),
+            size(max),
+            humantime::format_duration(ttl)
+        )
+    };
+    format!(
+        "proof cache: {kept}; {} hits, {} joins, {} misses, {} evictions\n",
+        cache["hits"], cache["joins"], cache["misses"], cache["evictions"]
     )
+}
+
+/// Bytes in binary units: "252.0 KiB" (a display: precision beyond 2^52 bytes does not matter).
+#[allow(clippy::cast_precision_loss)]
+fn size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / f64::from(1 << 20)),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / f64::from(1 << 10)),
+        b => format!("{b} B"),
+    }
 }

@@ -274,6 +274,9 @@ impl Connection {
             traceparent: text_header(session, "traceparent"),
             tracestate: text_header(session, "tracestate"),
             request_id: text_header(session, "x-request-id"),
+            deadline: text_header(session, "grpc-timeout")
+                .and_then(|value| grpc_timeout(&value))
+                .and_then(|timeout| std::time::Instant::now().checked_add(answer_within(timeout))),
         };
         let forwarded_for = session
             .get_header("x-forwarded-for")
@@ -365,6 +368,36 @@ fn text_header(session: &ServerSession, name: &str) -> Option<String> {
         return None;
     }
     value.to_str().ok().map(str::to_owned)
+}
+
+/// A `grpc-timeout` header's duration: up to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`);
+/// `None` for anything else (the call then has no deadline of its own).
+fn grpc_timeout(value: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    if !value.is_ascii() {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// How long the proxy waits for a proof of a call with this `grpc-timeout`: a little less (a
+/// tenth, at most 250 ms), so that its `DEADLINE_EXCEEDED`, which tells the client to ask again,
+/// arrives before the client's own timer ends the call with a bare "Timeout expired".
+fn answer_within(timeout: std::time::Duration) -> std::time::Duration {
+    timeout.saturating_sub((timeout / 10).min(std::time::Duration::from_millis(250)))
 }
 
 /// Reads a call's single gRPC message (5-byte prefix: flag, big-endian length). What the prefix
@@ -576,4 +609,24 @@ async fn plain_status(session: &mut ServerSession, code: u16, text: &'static str
         Ok::<(), Box<pingora_core::Error>>(())
     };
     write.await.is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::grpc_timeout;
+
+    #[test]
+    fn grpc_timeout_headers_parse_as_the_grpc_spec_says() {
+        assert_eq!(grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(grpc_timeout("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout("99999999u"), Some(Duration::from_micros(99_999_999)));
+        for bad in ["", "S", "123456789S", "10s", "-1S", "1.5S", "10", "1é"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad:?}");
+        }
+        assert_eq!(super::answer_within(Duration::from_secs(10)), Duration::from_millis(9750));
+        assert_eq!(super::answer_within(Duration::from_secs(1)), Duration::from_millis(900));
+    }
 }

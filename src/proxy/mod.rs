@@ -6,7 +6,9 @@
 //! queue if none is free) and calls the worker with its own gRPC client → on a connect failure, a
 //! busy answer or a worker that died mid-proof it retries on another worker with the body it
 //! kept (Pingora's own retry buffer stops at 64 KiB; a transaction is ≈ 109 KB) → the answer
-//! goes back through [`front`]. [`health`] checks workers in the background; [`metrics`] counts.
+//! goes back through [`front`]. Requests are keyed by their content ([`share`]): one identical to
+//! a request being proved waits for that proof, and finished proofs are kept for a while, so no
+//! input is proved twice; the attempts run on in a task of their own when the client leaves. [`health`] checks workers in the background; [`metrics`] counts.
 
 pub mod bounds;
 pub mod daemon;
@@ -17,6 +19,7 @@ pub mod limit;
 pub mod metrics;
 pub mod poison;
 pub mod pool;
+pub mod share;
 pub mod state;
 
 use std::net::IpAddr;
@@ -47,6 +50,8 @@ pub struct LiveSettings {
     pub max_retries_per_request: u32,
     /// How long content that took down two workers is refused; zero: never.
     pub poison_ttl: Duration,
+    /// What finished proofs are kept for identical requests.
+    pub proof_cache: share::Limits,
     /// Per-IP requests per second.
     pub max_req_per_sec: u32,
     /// The IPv6 prefix a client is limited by.
@@ -68,6 +73,7 @@ impl From<&ProxySettings> for LiveSettings {
             max_queue_wait: s.max_queue_wait,
             max_retries_per_request: s.max_retries_per_request,
             poison_ttl: s.poison_ttl,
+            proof_cache: share::Limits { max_bytes: s.proof_cache_size, ttl: s.proof_cache_ttl },
             max_req_per_sec: s.max_req_per_sec,
             rate_limit_ipv6_prefix: s.rate_limit_ipv6_prefix,
             trusted_forwarders: s.trusted_forwarders.clone(),
@@ -87,6 +93,8 @@ pub struct RequestMeta {
     pub tracestate: Option<String>,
     /// `x-request-id`.
     pub request_id: Option<String>,
+    /// When the client stops waiting (its `grpc-timeout`).
+    pub deadline: Option<Instant>,
 }
 
 /// The proxy's shared state.
@@ -96,6 +104,7 @@ pub struct Proxy {
     live: RwLock<LiveSettings>,
     limiter: limit::RateLimiter,
     poison: poison::PoisonTable,
+    proofs: share::Proofs,
     connections: Arc<bounds::Connections>,
     budget: Arc<bounds::Budget>,
     /// Metrics, rendered on the metrics port.
@@ -115,15 +124,25 @@ impl Proxy {
             // Addresses were validated with the configuration.
             let _ = pool.add(address, Origin::Config);
         }
+        let metrics = Metrics::new();
+        let proofs = share::Proofs::new(
+            LiveSettings::from(settings).proof_cache,
+            share::Gauges {
+                entries: metrics.cache_proofs.clone(),
+                bytes: metrics.cache_bytes.clone(),
+                evictions: metrics.cache_evictions.clone(),
+            },
+        );
         Arc::new(Proxy {
             kind: settings.prover_type,
+            proofs,
             pool,
             live: RwLock::new(LiveSettings::from(settings)),
             limiter: limit::RateLimiter::default(),
             poison: poison::PoisonTable::default(),
             connections: Arc::default(),
             budget: Arc::default(),
-            metrics: Metrics::new(),
+            metrics,
             served: AtomicU64::new(0),
         })
     }
@@ -145,8 +164,9 @@ impl Proxy {
 
     /// Applies reloaded settings to requests from now on.
     pub fn set_live(&self, settings: &ProxySettings) {
-        *self.live.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
-            LiveSettings::from(settings);
+        let live = LiveSettings::from(settings);
+        self.proofs.set_limits(live.proof_cache);
+        *self.live.write().unwrap_or_else(std::sync::PoisonError::into_inner) = live;
         self.pool.set_limits(
             settings.max_queue_items,
             settings.max_workers,
@@ -210,6 +230,7 @@ impl Proxy {
     /// Drops idle rate-limit buckets; the daemon calls it every [`limit::PRUNE_INTERVAL`].
     pub fn prune_limiter(&self) {
         self.limiter.prune();
+        self.proofs.prune();
     }
 
     /// Requests answered since start (any outcome).
@@ -246,7 +267,7 @@ impl Proxy {
     /// Proves one request on some worker: the whole proxy path of a `Prove` call.
     /// `message` is the encoded `ProofRequest`; the answer is the worker's encoded `Proof`.
     pub async fn prove(
-        &self,
+        self: &Arc<Self>,
         message: Bytes,
         client: Option<IpAddr>,
         meta: RequestMeta,
@@ -262,11 +283,18 @@ impl Proxy {
             meta.traceparent.as_deref(),
             meta.tracestate.as_deref(),
         );
-        let result = self.prove_inner(message, client, &meta).instrument(span.clone()).await;
+        let proving = self.prove_inner(message, client, &meta).instrument(span.clone());
+        let result = match meta.deadline {
+            None => proving.await,
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), proving)
+                .await
+                .unwrap_or_else(|_| Err(self.deadline_status())),
+        };
         let code = match &result {
             Ok(_) => Code::Ok,
             Err(status) => status.code(),
         };
+        let result = result.map(|(proof, how)| (proof, how.as_str()));
         self.served.fetch_add(1, Ordering::Relaxed);
         self.metrics.requests.with_label_values(&[self.kind.as_str(), code_name(code)]).inc();
         self.metrics
@@ -275,11 +303,9 @@ impl Proxy {
             .observe(started.elapsed().as_secs_f64());
         self.update_gauges();
         span.in_scope(|| match &result {
-            Ok(_) => info!(
-                outcome = "proved",
-                duration_ms = started.elapsed().as_millis(),
-                "request done"
-            ),
+            Ok((_, how)) => {
+                info!(outcome = how, duration_ms = started.elapsed().as_millis(), "request done");
+            }
             Err(status) => info!(
                 outcome = code_name(code),
                 duration_ms = started.elapsed().as_millis(),
@@ -287,17 +313,34 @@ impl Proxy {
                 "request failed"
             ),
         });
-        result
+        result.map(|(proof, _)| proof)
     }
 
-    // One linear story: admission checks, then the attempt loop with its outcomes.
-    #[allow(clippy::too_many_lines)]
+    /// The answer to a client whose own deadline (`grpc-timeout`) passed first.
+    fn deadline_status(&self) -> Status {
+        let kept = self.proofs.limits();
+        if kept.max_bytes > 0 && !kept.ttl.is_zero() {
+            Status::deadline_exceeded(format!(
+                "the client's deadline (grpc-timeout) passed before the proof was ready; a proof \
+                 a worker started runs on and is kept for {}: send the same request again to \
+                 receive it (or allow more time)",
+                humantime::format_duration(kept.ttl)
+            ))
+        } else {
+            Status::deadline_exceeded(
+                "the client's deadline (grpc-timeout) passed before the proof was ready; allow \
+                 more time",
+            )
+        }
+    }
+
+    /// Admission checks, then the proof: kept, running (joined) or computed here.
     async fn prove_inner(
-        &self,
+        self: &Arc<Self>,
         message: Bytes,
         client: Option<IpAddr>,
         meta: &RequestMeta,
-    ) -> Result<Bytes, Status> {
+    ) -> Result<(Bytes, Served), Status> {
         let live = self.live();
         let request =
             <forward::RequestHead as prost::Message>::decode(message.as_ref()).map_err(|err| {
@@ -317,11 +360,13 @@ impl Proxy {
             )));
         }
 
-        // Hashed only once some content took a worker down.
-        let mut digest = None;
-        if live.poison_ttl > Duration::ZERO && self.poison.in_use() {
-            let key = *digest.insert(poison::digest(&message));
-            if let Some(deaths) = self.poison.refused(&key, live.poison_ttl) {
+        let key = poison::digest(&message);
+        loop {
+            // Checked on every round: a waiter whose leader's workers died may lead next.
+            if live.poison_ttl > Duration::ZERO
+                && self.poison.in_use()
+                && let Some(deaths) = self.poison.refused(&key, live.poison_ttl)
+            {
                 self.metrics.poison_refused.inc();
                 warn!(
                     client = client.map(|ip| ip.to_string()).unwrap_or_default(),
@@ -329,8 +374,72 @@ impl Proxy {
                 );
                 return Err(poison_status(deaths, live.poison_ttl));
             }
+            match self.proofs.find(&key) {
+                share::Found::Cached(proof) => {
+                    self.metrics.cache_hits.inc();
+                    return Ok((proof, Served::Cached));
+                }
+                share::Found::Running(waiter) => {
+                    self.metrics.cache_joins.inc();
+                    info!("an identical request is being proved: waiting for its proof");
+                    match waiter.outcome().await {
+                        share::Outcome::Proof(proof) => return Ok((proof, Served::Joined)),
+                        share::Outcome::Final(status) => return Err(status),
+                        share::Outcome::Retry(status) => {
+                            info!(
+                                error = status.message(),
+                                "the identical request's proof failed; trying again"
+                            );
+                        }
+                    }
+                }
+                share::Found::New(waiter) => {
+                    self.metrics.cache_misses.inc();
+                    // A client that leaves does not stop the attempts (unless the cache is off
+                    // or no worker has the request yet, and nobody else waits): they move to a
+                    // task of their own, and their proof is kept for the retry that very likely
+                    // follows.
+                    let landing = Landing {
+                        proxy: Arc::clone(self),
+                        key,
+                        flight: Arc::clone(waiter.flight()),
+                        landed: false,
+                    };
+                    let (message, meta, live) = (message.clone(), meta.clone(), live.clone());
+                    let attempt = async move {
+                        let result = landing
+                            .proxy
+                            .attempts(&message, client, &meta, &live, &key, &landing.flight)
+                            .await;
+                        landing.land(result);
+                    }
+                    .instrument(tracing::Span::current());
+                    let mut leader = share::Leader::new(waiter, attempt);
+                    return match leader.outcome().await {
+                        share::Outcome::Proof(proof) => Ok((proof, Served::Proved)),
+                        share::Outcome::Final(status) | share::Outcome::Retry(status) => {
+                            Err(status)
+                        }
+                    };
+                }
+            }
         }
+    }
 
+    /// The attempt loop: a worker from the queue, the call, and what each failure means. An
+    /// error says whether another try may do better (workers failed), or is the answer for
+    /// every identical request.
+    // One linear story of the attempts and their outcomes.
+    #[allow(clippy::too_many_lines)]
+    async fn attempts(
+        &self,
+        message: &Bytes,
+        client: Option<IpAddr>,
+        meta: &RequestMeta,
+        live: &LiveSettings,
+        key: &poison::Digest,
+        flight: &share::Flight,
+    ) -> Result<Bytes, Attempts> {
         let mut excluded: Vec<String> = Vec::new();
         let attempts = 1 + live.max_retries_per_request;
         let mut last_failure = String::new();
@@ -348,22 +457,23 @@ impl Proxy {
                 Ok(Ok(lease)) => lease,
                 Ok(Err(AcquireError::QueueFull)) => {
                     self.metrics.queue_drops.inc();
-                    return Err(acquire_status(&AcquireError::QueueFull));
+                    return Err(Attempts::of(acquire_status(&AcquireError::QueueFull)));
                 }
-                Ok(Err(err)) => return Err(acquire_status(&err)),
+                Ok(Err(err)) => return Err(Attempts::of(acquire_status(&err))),
                 Err(_) if attempt > 1 => {
-                    return Err(Status::unavailable(format!(
+                    return Err(Attempts::Retry(Status::unavailable(format!(
                         "no other worker became free within {:?} to retry on after: {last_failure}",
                         live.max_queue_wait
-                    )));
+                    ))));
                 }
                 Err(_) => {
-                    return Err(Status::unavailable(format!(
+                    return Err(Attempts::Retry(Status::unavailable(format!(
                         "no healthy worker became free within {:?} (max_queue_wait)",
                         live.max_queue_wait
-                    )));
+                    ))));
                 }
             };
+            flight.start();
             self.metrics.queue_wait.observe(queued.elapsed().as_secs_f64());
             self.metrics.worker_requests.with_label_values(&[lease.address()]).inc();
             self.update_gauges();
@@ -405,7 +515,7 @@ impl Proxy {
                 Err(_elapsed) => (Failure::TimedOut, Status::deadline_exceeded("")),
             };
             match failure {
-                Failure::PassThrough => return Err(status),
+                Failure::PassThrough => return Err(Attempts::Final(status)),
                 Failure::Busy => {
                     last_failure = format!("worker {} is busy", lease.address());
                 }
@@ -420,8 +530,7 @@ impl Proxy {
                     self.pool.mark_failed(lease.address(), status.message().to_owned());
                     deaths += 1;
                     if live.poison_ttl > Duration::ZERO {
-                        let key = *digest.get_or_insert_with(|| poison::digest(&message));
-                        let took = self.poison.record(key, live.poison_ttl);
+                        let took = self.poison.record(*key, live.poison_ttl);
                         if took >= poison::REFUSE_AFTER {
                             warn!(
                                 client = client.map(|ip| ip.to_string()).unwrap_or_default(),
@@ -429,25 +538,26 @@ impl Proxy {
                                  for {:?} (poison_ttl)",
                                 live.poison_ttl
                             );
-                            return Err(poison_status(took, live.poison_ttl));
+                            return Err(Attempts::Final(poison_status(took, live.poison_ttl)));
                         }
                     }
                     if deaths >= poison::REFUSE_AFTER {
-                        return Err(Status::unavailable(format!(
+                        // Final: a waiter trying again would take two more workers with it.
+                        return Err(Attempts::Final(Status::unavailable(format!(
                             "{deaths} workers died under this request; it is not sent to a \
                              third: {last_failure}"
-                        )));
+                        ))));
                     }
                 }
                 Failure::TimedOut => {
                     // The worker is still proving: keep it leased until it says it is idle,
                     // so no other request is sent to a busy worker.
                     hold_until_idle(lease);
-                    return Err(Status::deadline_exceeded(format!(
+                    return Err(Attempts::Final(Status::deadline_exceeded(format!(
                         "the worker did not answer within {:?} (the proxy's `timeout`; \
                              raise it if proofs take longer)",
                         live.timeout
-                    )));
+                    ))));
                 }
             }
             attempt_span.in_scope(|| {
@@ -459,9 +569,9 @@ impl Proxy {
                 self.metrics.retries.inc();
             }
         }
-        Err(Status::unavailable(format!(
+        Err(Attempts::Retry(Status::unavailable(format!(
             "all {attempts} attempts failed; the last: {last_failure}"
-        )))
+        ))))
     }
 
     /// The answer to `ProxyStatusApi/Status`, on the public port: without the workers'
@@ -525,7 +635,100 @@ impl Proxy {
             "workers": workers,
             "queue": {"length": queued, "max": max_queue},
             "requests_served": self.served(),
+            "proof_cache": self.proof_cache_json(),
         })
+    }
+
+    /// What the proof cache holds and has done, for the status JSON and `minedctl status`.
+    fn proof_cache_json(&self) -> serde_json::Value {
+        let (proofs, bytes, running) = self.proofs.held();
+        let limits = self.proofs.limits();
+        serde_json::json!({
+            "proofs": proofs,
+            "bytes": bytes,
+            "max_bytes": limits.max_bytes,
+            "ttl_seconds": limits.ttl.as_secs(),
+            "running": running,
+            "hits": self.metrics.cache_hits.get(),
+            "joins": self.metrics.cache_joins.get(),
+            "misses": self.metrics.cache_misses.get(),
+            "evictions": self.metrics.cache_evictions.get(),
+        })
+    }
+}
+
+/// How a request was answered, for its log line.
+#[derive(Clone, Copy, Debug)]
+enum Served {
+    /// A worker proved it for this request.
+    Proved,
+    /// It waited for an identical request's proof.
+    Joined,
+    /// A kept proof of the same input.
+    Cached,
+}
+
+impl Served {
+    fn as_str(self) -> &'static str {
+        match self {
+            Served::Proved => "proved",
+            Served::Joined => "joined",
+            Served::Cached => "cached",
+        }
+    }
+}
+
+/// Why the attempts gave no proof.
+enum Attempts {
+    /// The answer for every identical request: the workers' verdict, a limit, the proxy's own.
+    Final(Status),
+    /// Workers failed: an identical request waiting for this one tries again.
+    Retry(Status),
+}
+
+impl Attempts {
+    fn of(status: Status) -> Self {
+        if status.code() == Code::Unavailable {
+            Attempts::Retry(status)
+        } else {
+            Attempts::Final(status)
+        }
+    }
+}
+
+/// The end of a shared proof's attempts: their outcome goes to every waiter, and a task that
+/// ends without one (cancelled) tells the waiters to try again.
+struct Landing {
+    proxy: Arc<Proxy>,
+    key: poison::Digest,
+    flight: Arc<share::Flight>,
+    landed: bool,
+}
+
+impl Landing {
+    fn land(mut self, result: Result<Bytes, Attempts>) {
+        let outcome = match result {
+            Ok(proof) => share::Outcome::Proof(proof),
+            Err(Attempts::Final(status)) => share::Outcome::Final(status),
+            Err(Attempts::Retry(status)) => share::Outcome::Retry(status),
+        };
+        self.proxy.proofs.finish(&self.key, &self.flight, outcome);
+        self.landed = true;
+    }
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        if self.landed {
+            return;
+        }
+        self.proxy.proofs.finish(
+            &self.key,
+            &self.flight,
+            share::Outcome::Retry(Status::cancelled(
+                "the proof was cancelled: every client waiting for it left",
+            )),
+        );
     }
 }
 

@@ -352,14 +352,19 @@ async fn two_hundred_adds_and_removes_under_load_fail_no_request() {
     let done = Arc::new(AtomicBool::new(false));
     let answered = Arc::new(AtomicUsize::new(0));
     let mut clients = tokio::task::JoinSet::new();
-    for _ in 0..6 {
+    for n in 0..6 {
         let mut client = ApiClient::new(proxy.daemon.channel().await);
         let (done, answered) = (Arc::clone(&done), Arc::clone(&answered));
         clients.spawn(async move {
-            let request =
-                ProofRequest { proof_type: ProofType::Transaction.into(), payload: vec![1; 4096] };
+            // Every request different: identical ones would share one proof and be kept.
+            let mut sent = 0u64;
             while !done.load(Ordering::SeqCst) {
-                let result = client.prove(request.clone()).await;
+                sent += 1;
+                let mut payload = vec![1; 4096];
+                payload[..8].copy_from_slice(&sent.to_le_bytes());
+                payload[8] = u8::try_from(n).expect("six clients");
+                let request = ProofRequest { proof_type: ProofType::Transaction.into(), payload };
+                let result = client.prove(request).await;
                 result.expect("no request fails while workers come and go");
                 answered.fetch_add(1, Ordering::SeqCst);
             }

@@ -223,8 +223,8 @@ async fn wait_busy(worker: &Daemon, busy: bool) {
     }
 }
 
-/// A proof nobody waits for any more is stopped: after the proxy's timeout, and after a client
-/// that gives up mid-proof, the proxy drops its call, the worker kills that proof's prover process
+/// A proof nobody waits for any more is stopped: after the proxy's timeout, and (with the proof
+/// cache off) after a client that gives up mid-proof, the proxy drops its call, the worker kills that proof's prover process
 /// and is idle again, and the next request is taken by the worker, never sent to it while busy.
 #[tokio::test]
 async fn a_proof_given_up_by_the_proxy_or_the_client_is_stopped_and_the_worker_serves_on() {
@@ -251,8 +251,11 @@ async fn a_proof_given_up_by_the_proxy_or_the_client_is_stopped_and_the_worker_s
     assert_eq!(next.code(), Code::InvalidArgument, "taken by the worker: {next:?}");
     drop(short);
 
-    // A client that gives up mid-proof.
-    let mut proxy = Launch::proxy("transaction", &[&worker]).start_proxy().await;
+    // A client that gives up mid-proof, with the proof cache off (with it on, the proof runs
+    // on to be kept for the client's retry: see `cache.rs`).
+    let mut launch = Launch::proxy("transaction", &[&worker]);
+    launch.command.env("MPS_PROOF_CACHE_SIZE", "0");
+    let mut proxy = launch.start_proxy().await;
     proxy.wait_healthy(1, 1).await;
     let abandoned = spawn_prove(&proxy.daemon, &sample.inputs[0]).await;
     wait_busy(&worker, true).await;
@@ -618,7 +621,11 @@ async fn a_clients_trace_runs_through_the_proxy_into_the_worker() {
     let sample = sample_transactions(1).await.expect("sample transaction");
     let inputs = &sample.inputs[0];
     let worker = exporting(Launch::worker("transaction")).start().await;
-    let mut tracing_proxy = exporting(Launch::proxy("transaction", &[&worker])).start_proxy().await;
+    // It proves the same input twice: with its proof cache on, the second would not reach the
+    // worker.
+    let mut tracing = exporting(Launch::proxy("transaction", &[&worker]));
+    tracing.command.env("MPS_PROOF_CACHE_SIZE", "0");
+    let mut tracing_proxy = tracing.start_proxy().await;
     let mut quiet_proxy = Launch::proxy("transaction", &[&worker]).start_proxy().await;
     tracing_proxy.wait_healthy(1, 1).await;
     quiet_proxy.wait_healthy(1, 1).await;
