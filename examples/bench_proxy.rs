@@ -13,7 +13,13 @@
 //!   stand-ins that sleep on Tokio's timer and answer 1 KB.
 //! - `real`: real proofs. 4 concurrent transaction requests through the proxy and one worker
 //!   against the same 4 proofs in-process one after another (wall ratio, and the proxy's CPU
-//!   seconds from /proc); then batch proofs through the proxy against in-process (medians).
+//!   seconds from /proc); then batch proofs through the proxy against in-process (medians). The
+//!   proof cache is off there: proving is what is measured.
+//! - `cache`: real transaction proofs and the proof cache. A request answered from the cache
+//!   against proving it (medians); then a retry storm — 8 clients over 2 distinct inputs and two
+//!   workers, each client with a deadline of half the proof time, retrying until it has its proof
+//!   — with the cache on, and with it off (each client then gives up after 3 tries): proofs
+//!   started and delivered, and the workers' CPU time, against the number of distinct inputs.
 
 #[allow(dead_code)]
 #[path = "../tests/it/support/mod.rs"]
@@ -76,6 +82,9 @@ struct Load {
     wall: Duration,
 }
 
+/// Numbers the requests of every load run, so that no two are the same.
+static DISTINCT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// One client loop per target, each sending `per_client` requests one after another, until
 /// `deadline`; a request unanswered by then counts as sent, not answered.
 async fn run_load(targets: Vec<SocketAddr>, per_client: usize, deadline: Duration) -> Load {
@@ -91,8 +100,12 @@ async fn run_load(targets: Vec<SocketAddr>, per_client: usize, deadline: Duratio
             let (mut latencies, mut sent) = (Vec::with_capacity(per_client), 0);
             for _ in 0..per_client {
                 sent += 1;
+                // Every request different: the proxy would answer identical ones from one proof.
+                let mut request = request.clone();
+                let n = DISTINCT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                request.payload[..8].copy_from_slice(&n.to_le_bytes());
                 let asked = Instant::now();
-                match tokio::time::timeout_at(end, api.prove(request.clone())).await {
+                match tokio::time::timeout_at(end, api.prove(request)).await {
                     Ok(Ok(_)) => latencies.push(asked.elapsed()),
                     Ok(Err(status)) => eprintln!("request failed: {status:?}"),
                     Err(_) => break,
@@ -139,6 +152,11 @@ async fn fake() {
     let workers = start_fake_workers(8, env!("CARGO_PKG_VERSION")).await;
     let mut launch = support::Launch::proxy_for("transaction", &workers);
     launch.command.env("MPS_MAX_QUEUE_ITEMS", "128");
+    // The benchmark's requests are all distinct; `BENCH_PROOF_CACHE_SIZE=0` shows what keeping
+    // their proofs costs.
+    if let Ok(size) = std::env::var("BENCH_PROOF_CACHE_SIZE") {
+        launch.command.env("MPS_PROOF_CACHE_SIZE", size);
+    }
     let mut proxy = launch.start_proxy().await;
     proxy.wait_healthy(8, 8).await;
 
@@ -242,7 +260,11 @@ fn cpu_seconds(pid: i32) -> f64 {
 async fn real() {
     let sample = support::fixtures::sample_transactions(4).await.expect("sample");
     let worker = support::Launch::worker("transaction").start().await;
-    let mut proxy = support::Launch::proxy("transaction", &[&worker]).start_proxy().await;
+    // Proving is what is measured: the second round's identical requests must not be answered
+    // from the first round's kept proofs.
+    let mut launch = support::Launch::proxy("transaction", &[&worker]);
+    launch.command.env("MPS_PROOF_CACHE_SIZE", "0");
+    let mut proxy = launch.start_proxy().await;
     proxy.wait_healthy(1, 1).await;
 
     // In-process one after another, and 4 concurrent clients through proxy + 1 worker, in the
@@ -295,7 +317,9 @@ async fn real() {
 /// the worker's.
 async fn batches(chain: &miden_testing::MockChain, proven: Vec<ProvenTransaction>) {
     let batch_worker = support::Launch::worker("batch").start().await;
-    let mut batch_proxy = support::Launch::proxy("batch", &[&batch_worker]).start_proxy().await;
+    let mut launch = support::Launch::proxy("batch", &[&batch_worker]);
+    launch.command.env("MPS_PROOF_CACHE_SIZE", "0");
+    let mut batch_proxy = launch.start_proxy().await;
     batch_proxy.wait_healthy(1, 1).await;
     let batch = chain.propose_transaction_batch(proven).expect("batch");
     let payload = batch.to_bytes();
@@ -339,6 +363,130 @@ async fn batch_only() {
     batches(&sample.chain, proven).await;
 }
 
+/// utime + stime of a process and of its waited-for children (a worker's prover processes),
+/// in seconds.
+fn cpu_seconds_with_children(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after_comm = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    fields[11..15].iter().map(|f| f.parse::<f64>().expect("ticks")).sum::<f64>() / 100.0
+}
+
+// One benchmark's story, printed as it goes.
+#[allow(clippy::too_many_lines)]
+async fn cache() {
+    let sample = support::fixtures::sample_transactions(3).await.expect("sample");
+    let request = |n: usize| ProofRequest {
+        proof_type: ProofType::Transaction.into(),
+        payload: sample.inputs[n].to_bytes(),
+    };
+    println!("## proof cache (real transaction proofs)");
+
+    // Proving once, then the same request answered from the cache.
+    let worker = support::Launch::worker("transaction").start().await;
+    let mut launch = support::Launch::proxy("transaction", &[&worker]);
+    launch.command.env("MPS_MAX_REQ_PER_SEC", "100000");
+    let mut proxy = launch.start_proxy().await;
+    proxy.wait_healthy(1, 1).await;
+    let mut api = client(proxy.daemon.addr).await;
+    let started = Instant::now();
+    let proof = api.prove(request(0)).await.expect("proof").into_inner();
+    let proving = started.elapsed();
+    let mut hits = Vec::new();
+    for _ in 0..200 {
+        let started = Instant::now();
+        let again = api.prove(request(0)).await.expect("cached").into_inner();
+        hits.push(started.elapsed());
+        assert_eq!(again.payload, proof.payload);
+    }
+    hits.sort();
+    println!(
+        "transaction ({} B request, {} B proof): proved via proxy + worker {:.2} s; the same request again, answered from the cache: median {:.3} ms, p99 {:.3} ms (200 requests); ratio {:.5}",
+        request(0).payload.len(),
+        proof.payload.len(),
+        proving.as_secs_f64(),
+        ms(percentile(&hits, 0.5)),
+        ms(percentile(&hits, 0.99)),
+        percentile(&hits, 0.5).as_secs_f64() / proving.as_secs_f64(),
+    );
+    drop(proxy);
+    drop(worker);
+
+    // The retry storm, with the cache on and off.
+    let deadline = proving / 2;
+    println!(
+        "retry storm: 8 clients, 2 distinct inputs, 2 workers, each client's deadline {:.2} s (half a proof)",
+        deadline.as_secs_f64()
+    );
+    println!(
+        "| cache | proofs delivered to clients | tries | attempts sent to workers | prover runs ended (workers' `requests_served`) | workers' CPU | wall |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (name, size) in [("on (64 MiB)", "64MiB"), ("off", "0")] {
+        let w1 = support::Launch::worker("transaction").start().await;
+        let w2 = support::Launch::worker("transaction").start().await;
+        let mut launch = support::Launch::proxy("transaction", &[&w1, &w2]);
+        launch.command.env("MPS_MAX_REQ_PER_SEC", "100000");
+        launch.command.env("MPS_PROOF_CACHE_SIZE", size);
+        let mut proxy = launch.start_proxy().await;
+        proxy.wait_healthy(2, 2).await;
+        let cpu_before = cpu_seconds_with_children(w1.pid) + cpu_seconds_with_children(w2.pid);
+        let started = Instant::now();
+        let max_tries = if size == "0" { 3 } else { 100 };
+        let mut clients = Vec::new();
+        for n in 0..8 {
+            let mut api = client(proxy.daemon.addr).await;
+            let request = request(1 + n % 2);
+            clients.push(tokio::spawn(async move {
+                for tries in 1..=max_tries {
+                    let mut call = tonic::Request::new(request.clone());
+                    call.set_timeout(deadline);
+                    match api.prove(call).await {
+                        Ok(proof) => return (Some(proof.into_inner().payload), tries),
+                        Err(status)
+                            if matches!(
+                                status.code(),
+                                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                            ) => {}
+                        Err(status) => panic!("{status:?}"),
+                    }
+                }
+                (None, max_tries)
+            }));
+        }
+        let (mut delivered, mut tries) = (0, 0);
+        for client in clients {
+            let (proof, n) = client.await.expect("join");
+            if let Some(proof) = proof {
+                ProvenTransaction::read_from_bytes(&proof).expect("a proof");
+                delivered += 1;
+            }
+            tries += n;
+        }
+        let wall = started.elapsed();
+        // Let abandoned proofs end before reading the workers' figures.
+        for worker in [&w1, &w2] {
+            while worker.worker_status().await.busy {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let cpu =
+            cpu_seconds_with_children(w1.pid) + cpu_seconds_with_children(w2.pid) - cpu_before;
+        let completed =
+            w1.worker_status().await.requests_served + w2.worker_status().await.requests_served;
+        let (_, scrape) = support::http_get(proxy.metrics, "/metrics").await;
+        let attempts: f64 = scrape
+            .lines()
+            .filter(|l| l.starts_with("mps_proxy_worker_requests_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        println!(
+            "| {name} | {delivered} of 8 | {tries} | {attempts} | {completed} | {cpu:.1} s | {:.1} s |",
+            wall.as_secs_f64()
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_owned());
@@ -350,6 +498,9 @@ async fn main() {
     }
     if which == "batch" {
         batch_only().await;
+    }
+    if which == "cache" {
+        cache().await;
     }
     if which == "upstream" {
         upstream().await;
