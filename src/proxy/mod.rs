@@ -8,7 +8,8 @@
 //! kept (Pingora's own retry buffer stops at 64 KiB; a transaction is ≈ 109 KB) → the answer
 //! goes back through [`front`]. Requests are keyed by their content ([`share`]): one identical to
 //! a request being proved waits for that proof, and finished proofs are kept for a while, so no
-//! input is proved twice; the attempts run on in a task of their own when the client leaves. [`health`] checks workers in the background; [`metrics`] counts.
+//! input is proved twice; a proof a worker has taken runs on when its client leaves. [`health`]
+//! checks workers in the background; [`metrics`] counts.
 
 pub mod bounds;
 pub mod daemon;
@@ -124,9 +125,10 @@ impl Proxy {
             // Addresses were validated with the configuration.
             let _ = pool.add(address, Origin::Config);
         }
+        let live = LiveSettings::from(settings);
         let metrics = Metrics::new();
         let proofs = share::Proofs::new(
-            LiveSettings::from(settings).proof_cache,
+            live.proof_cache,
             share::Gauges {
                 entries: metrics.cache_proofs.clone(),
                 bytes: metrics.cache_bytes.clone(),
@@ -137,7 +139,7 @@ impl Proxy {
             kind: settings.prover_type,
             proofs,
             pool,
-            live: RwLock::new(LiveSettings::from(settings)),
+            live: RwLock::new(live),
             limiter: limit::RateLimiter::default(),
             poison: poison::PoisonTable::default(),
             connections: Arc::default(),
@@ -319,7 +321,7 @@ impl Proxy {
     /// The answer to a client whose own deadline (`grpc-timeout`) passed first.
     fn deadline_status(&self) -> Status {
         let kept = self.proofs.limits();
-        if kept.max_bytes > 0 && !kept.ttl.is_zero() {
+        if kept.keeps() {
             Status::deadline_exceeded(format!(
                 "the client's deadline (grpc-timeout) passed before the proof was ready; a proof \
                  a worker started runs on and is kept for {}: send the same request again to \
@@ -405,13 +407,14 @@ impl Proxy {
                         flight: Arc::clone(waiter.flight()),
                         landed: false,
                     };
-                    let (message, meta, live) = (message.clone(), meta.clone(), live.clone());
+                    // `live` moves: this branch ends the loop.
+                    let (message, meta) = (message.clone(), meta.clone());
                     let attempt = async move {
-                        let result = landing
+                        let outcome = landing
                             .proxy
                             .attempts(&message, client, &meta, &live, &key, &landing.flight)
                             .await;
-                        landing.land(result);
+                        landing.land(outcome);
                     }
                     .instrument(tracing::Span::current());
                     let mut leader = share::Leader::new(waiter, attempt);
@@ -426,9 +429,9 @@ impl Proxy {
         }
     }
 
-    /// The attempt loop: a worker from the queue, the call, and what each failure means. An
-    /// error says whether another try may do better (workers failed), or is the answer for
-    /// every identical request.
+    /// The attempt loop: a worker from the queue, the call, and what each failure means. Without
+    /// a proof, the outcome says whether another try may do better (`Retry`: workers failed) or
+    /// is the answer for every identical request (`Final`).
     // One linear story of the attempts and their outcomes.
     #[allow(clippy::too_many_lines)]
     async fn attempts(
@@ -439,7 +442,7 @@ impl Proxy {
         live: &LiveSettings,
         key: &poison::Digest,
         flight: &share::Flight,
-    ) -> Result<Bytes, Attempts> {
+    ) -> share::Outcome {
         let mut excluded: Vec<String> = Vec::new();
         let attempts = 1 + live.max_retries_per_request;
         let mut last_failure = String::new();
@@ -457,20 +460,20 @@ impl Proxy {
                 Ok(Ok(lease)) => lease,
                 Ok(Err(AcquireError::QueueFull)) => {
                     self.metrics.queue_drops.inc();
-                    return Err(Attempts::of(acquire_status(&AcquireError::QueueFull)));
+                    return share::Outcome::of(acquire_status(&AcquireError::QueueFull));
                 }
-                Ok(Err(err)) => return Err(Attempts::of(acquire_status(&err))),
+                Ok(Err(err)) => return share::Outcome::of(acquire_status(&err)),
                 Err(_) if attempt > 1 => {
-                    return Err(Attempts::Retry(Status::unavailable(format!(
+                    return share::Outcome::Retry(Status::unavailable(format!(
                         "no other worker became free within {:?} to retry on after: {last_failure}",
                         live.max_queue_wait
-                    ))));
+                    )));
                 }
                 Err(_) => {
-                    return Err(Attempts::Retry(Status::unavailable(format!(
+                    return share::Outcome::Retry(Status::unavailable(format!(
                         "no healthy worker became free within {:?} (max_queue_wait)",
                         live.max_queue_wait
-                    ))));
+                    )));
                 }
             };
             flight.start();
@@ -510,12 +513,12 @@ impl Proxy {
             .await;
             let lease = in_flight.landed();
             let (failure, status) = match answer {
-                Ok(Ok(proof)) => return Ok(proof.into_inner()),
+                Ok(Ok(proof)) => return share::Outcome::Proof(proof.into_inner()),
                 Ok(Err(status)) => (classify(&status), status),
                 Err(_elapsed) => (Failure::TimedOut, Status::deadline_exceeded("")),
             };
             match failure {
-                Failure::PassThrough => return Err(Attempts::Final(status)),
+                Failure::PassThrough => return share::Outcome::Final(status),
                 Failure::Busy => {
                     last_failure = format!("worker {} is busy", lease.address());
                 }
@@ -538,26 +541,26 @@ impl Proxy {
                                  for {:?} (poison_ttl)",
                                 live.poison_ttl
                             );
-                            return Err(Attempts::Final(poison_status(took, live.poison_ttl)));
+                            return share::Outcome::Final(poison_status(took, live.poison_ttl));
                         }
                     }
                     if deaths >= poison::REFUSE_AFTER {
                         // Final: a waiter trying again would take two more workers with it.
-                        return Err(Attempts::Final(Status::unavailable(format!(
+                        return share::Outcome::Final(Status::unavailable(format!(
                             "{deaths} workers died under this request; it is not sent to a \
                              third: {last_failure}"
-                        ))));
+                        )));
                     }
                 }
                 Failure::TimedOut => {
                     // The worker is still proving: keep it leased until it says it is idle,
                     // so no other request is sent to a busy worker.
                     hold_until_idle(lease);
-                    return Err(Attempts::Final(Status::deadline_exceeded(format!(
+                    return share::Outcome::Final(Status::deadline_exceeded(format!(
                         "the worker did not answer within {:?} (the proxy's `timeout`; \
                              raise it if proofs take longer)",
                         live.timeout
-                    ))));
+                    )));
                 }
             }
             attempt_span.in_scope(|| {
@@ -569,9 +572,9 @@ impl Proxy {
                 self.metrics.retries.inc();
             }
         }
-        Err(Attempts::Retry(Status::unavailable(format!(
+        share::Outcome::Retry(Status::unavailable(format!(
             "all {attempts} attempts failed; the last: {last_failure}"
-        ))))
+        )))
     }
 
     /// The answer to `ProxyStatusApi/Status`, on the public port: without the workers'
@@ -678,24 +681,6 @@ impl Served {
     }
 }
 
-/// Why the attempts gave no proof.
-enum Attempts {
-    /// The answer for every identical request: the workers' verdict, a limit, the proxy's own.
-    Final(Status),
-    /// Workers failed: an identical request waiting for this one tries again.
-    Retry(Status),
-}
-
-impl Attempts {
-    fn of(status: Status) -> Self {
-        if status.code() == Code::Unavailable {
-            Attempts::Retry(status)
-        } else {
-            Attempts::Final(status)
-        }
-    }
-}
-
 /// The end of a shared proof's attempts: their outcome goes to every waiter, and a task that
 /// ends without one (cancelled) tells the waiters to try again.
 struct Landing {
@@ -706,12 +691,7 @@ struct Landing {
 }
 
 impl Landing {
-    fn land(mut self, result: Result<Bytes, Attempts>) {
-        let outcome = match result {
-            Ok(proof) => share::Outcome::Proof(proof),
-            Err(Attempts::Final(status)) => share::Outcome::Final(status),
-            Err(Attempts::Retry(status)) => share::Outcome::Retry(status),
-        };
+    fn land(mut self, outcome: share::Outcome) {
         self.proxy.proofs.finish(&self.key, &self.flight, outcome);
         self.landed = true;
     }

@@ -5,7 +5,8 @@
 //! bytes, which a client could vary without changing what the worker proves); content that took
 //! down [`REFUSE_AFTER`] workers is refused at admission until `poison_ttl` has passed since the
 //! last death. The table is bounded: a full one forgets expired entries first, then the oldest.
-//! While it is empty (the normal case) requests are not hashed at all.
+//! The digest is also the key of the proof cache ([`share`](super::share)), so every request is
+//! hashed once; while the table is empty (the normal case) it is not even locked.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

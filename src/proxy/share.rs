@@ -35,6 +35,18 @@ pub enum Outcome {
     Retry(Status),
 }
 
+impl Outcome {
+    /// A failure as its status says: `UNAVAILABLE` (no worker could do it) may go better on
+    /// another try; anything else is the answer for every identical request.
+    pub fn of(status: Status) -> Self {
+        if status.code() == tonic::Code::Unavailable {
+            Outcome::Retry(status)
+        } else {
+            Outcome::Final(status)
+        }
+    }
+}
+
 /// A proof being computed, and who waits for it.
 pub struct Flight {
     outcome: watch::Sender<Option<Outcome>>,
@@ -163,7 +175,8 @@ pub struct Limits {
 }
 
 impl Limits {
-    fn keeps(self) -> bool {
+    /// Whether anything is kept (neither limit is zero).
+    pub fn keeps(self) -> bool {
         self.max_bytes > 0 && self.ttl > Duration::ZERO
     }
 }
