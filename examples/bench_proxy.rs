@@ -31,9 +31,9 @@ use std::time::{Duration, Instant};
 use miden_objects::MIN_PROOF_SECURITY_LEVEL;
 use miden_objects::transaction::ProvenTransaction;
 use miden_objects::utils::{Deserializable, Serializable};
+use miden_proving_service::ProofKind;
 use miden_proving_service::proto::api_client::ApiClient;
 use miden_proving_service::proto::{ProofRequest, ProofType};
-use miden_tx::LocalTransactionProver;
 use miden_tx_batch_prover::LocalBatchProver;
 use support::standin::Answer;
 use tonic::transport::Channel;
@@ -249,12 +249,16 @@ async fn upstream() {
 
 /// utime + stime of a process, in seconds (from /proc; clock ticks are 100 Hz on Linux).
 fn cpu_seconds(pid: i32) -> f64 {
+    stat_seconds(pid, 11..13)
+}
+
+/// The sum of the `/proc/PID/stat` clock-tick fields in `fields` (counted after the command
+/// name: 11 utime, 12 stime, 13 cutime, 14 cstime), in seconds.
+fn stat_seconds(pid: i32, fields: std::ops::Range<usize>) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
     let after_comm = &stat[stat.rfind(')').expect("comm") + 2..];
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks: f64 =
-        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
-    ticks / 100.0
+    let all: Vec<&str> = after_comm.split_whitespace().collect();
+    all[fields].iter().map(|f| f.parse::<f64>().expect("ticks")).sum::<f64>() / 100.0
 }
 
 async fn real() {
@@ -275,7 +279,7 @@ async fn real() {
         if round == "local" {
             let started = Instant::now();
             for inputs in &sample.inputs {
-                LocalTransactionProver::default().prove(inputs.clone()).expect("prove");
+                support::fixtures::prove_here(ProofKind::Transaction, inputs).expect("prove");
             }
             local += started.elapsed();
             continue;
@@ -355,21 +359,14 @@ async fn batches(chain: &miden_testing::MockChain, proven: Vec<ProvenTransaction
 /// Only the batch comparison (two transactions are proved first to make the batch).
 async fn batch_only() {
     let sample = support::fixtures::sample_transactions(2).await.expect("sample");
-    let proven = sample
-        .inputs
-        .iter()
-        .map(|inputs| LocalTransactionProver::default().prove(inputs.clone()).expect("prove"))
-        .collect();
+    let proven = sample.inputs.iter().map(support::fixtures::prove_transaction_here).collect();
     batches(&sample.chain, proven).await;
 }
 
 /// utime + stime of a process and of its waited-for children (a worker's prover processes),
 /// in seconds.
 fn cpu_seconds_with_children(pid: i32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let after_comm = &stat[stat.rfind(')').expect("comm") + 2..];
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    fields[11..15].iter().map(|f| f.parse::<f64>().expect("ticks")).sum::<f64>() / 100.0
+    stat_seconds(pid, 11..15)
 }
 
 // One benchmark's story, printed as it goes.

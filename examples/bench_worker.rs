@@ -17,10 +17,10 @@ use miden_objects::MIN_PROOF_SECURITY_LEVEL;
 use miden_objects::batch::ProposedBatch;
 use miden_objects::transaction::ProvenTransaction;
 use miden_objects::utils::{Deserializable, Serializable};
+use miden_proving_service::ProofKind;
 use miden_proving_service::proto::api_client::ApiClient;
 use miden_proving_service::proto::worker_status_api_client::WorkerStatusApiClient;
 use miden_proving_service::proto::{ProofRequest, ProofType};
-use miden_tx::LocalTransactionProver;
 use miden_tx_batch_prover::LocalBatchProver;
 
 /// The pause before each transaction proof, in-process and through the worker.
@@ -55,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
         // path).
         tokio::time::sleep(SETTLE).await;
         let started = Instant::now();
-        LocalTransactionProver::default().prove(inputs.clone())?;
+        support::fixtures::prove_here(ProofKind::Transaction, &inputs)?;
         local.push(started.elapsed());
         let request =
             ProofRequest { proof_type: ProofType::Transaction.into(), payload: inputs.to_bytes() };

@@ -34,8 +34,9 @@ use anyhow::{Context, bail};
 use miden_objects::MIN_PROOF_SECURITY_LEVEL;
 use miden_objects::transaction::{ProvenTransaction, TransactionInputs};
 use miden_objects::utils::{Deserializable, Serializable};
-use miden_proving_service::cpu;
-use miden_tx::{LocalTransactionProver, TransactionVerifier};
+use miden_proving_service::prover::{self, Prover};
+use miden_proving_service::{ProofKind, cpu};
+use miden_tx::TransactionVerifier;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -47,11 +48,14 @@ async fn main() -> anyhow::Result<()> {
             println!("wrote {file}");
         }
         ["prove", file, rest @ ..] => {
-            let inputs = TransactionInputs::read_from_bytes(&std::fs::read(file)?)
+            // The service's own prover (as a worker's prover process runs it), not
+            // `LocalTransactionProver::prove`, which each binary calling it compiles anew.
+            let job = prover::decode(ProofKind::Transaction, &std::fs::read(file)?)
                 .context("the file does not hold TransactionInputs")?;
             let started = Instant::now();
-            let proven = LocalTransactionProver::default().prove(inputs)?;
+            let proof = Prover::new(ProofKind::Transaction).prove(job)?;
             let elapsed = started.elapsed();
+            let proven = ProvenTransaction::read_from_bytes(&proof)?;
             TransactionVerifier::new(MIN_PROOF_SECURITY_LEVEL).verify(&proven)?;
             if let [out] = rest {
                 std::fs::write(out, proven.to_bytes())?;

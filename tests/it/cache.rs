@@ -5,28 +5,14 @@
 
 use std::time::Duration;
 
-use miden_objects::MIN_PROOF_SECURITY_LEVEL;
-use miden_objects::transaction::{ProvenTransaction, TransactionInputs};
-use miden_objects::utils::{Deserializable, Serializable};
 use miden_proving_service::proto::{Proof, ProofRequest, ProofType};
-use miden_tx::TransactionVerifier;
 use nix::sys::signal::Signal;
 use tonic::{Code, Status};
 
-use crate::support::fixtures::sample_transactions;
+use crate::support::fixtures::{sample_transactions, tx_request, verify};
 use crate::support::{Daemon, Launch, START_TIMEOUT, standin};
 
 const PROOF_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn tx_request(inputs: &TransactionInputs) -> ProofRequest {
-    ProofRequest { proof_type: ProofType::Transaction.into(), payload: inputs.to_bytes() }
-}
-
-fn verify(proof: &[u8]) -> ProvenTransaction {
-    let proven = ProvenTransaction::read_from_bytes(proof).expect("the proof decodes");
-    TransactionVerifier::new(MIN_PROOF_SECURITY_LEVEL).verify(&proven).expect("the proof verifies");
-    proven
-}
 
 /// Sends `request` through `daemon` in the background.
 async fn spawn_prove(

@@ -293,8 +293,6 @@ async fn distinct_large_account_code_leaves_the_worker_rss_flat() {
 #[tokio::test]
 #[ignore = "writes the fuzz seed corpus; scripts/fuzz.sh runs it with MPS_FUZZ_SEEDS=DIR"]
 async fn write_fuzz_seeds() {
-    use miden_tx::LocalTransactionProver;
-
     fn write(dir: &std::path::Path, target: &str, name: &str, bytes: &[u8]) {
         let dir = dir.join(target);
         std::fs::create_dir_all(&dir).expect("seed directory");
@@ -315,7 +313,7 @@ async fn write_fuzz_seeds() {
     let looping = hostile::looping_account_code(&sample).await.expect("looping input");
     write(dir, tx, "looping-code", &looping);
 
-    let proven = LocalTransactionProver::default().prove(sample.inputs[0].clone()).expect("proof");
+    let proven = crate::support::fixtures::prove_transaction_here(&sample.inputs[0]);
     let batch = sample.chain.propose_transaction_batch([proven]).expect("batch");
     let proven_batch =
         miden_tx_batch_prover::LocalBatchProver::new(miden_objects::MIN_PROOF_SECURITY_LEVEL)

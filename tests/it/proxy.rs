@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use miden_objects::MIN_PROOF_SECURITY_LEVEL;
 use miden_objects::batch::ProvenBatch;
-use miden_objects::transaction::{ProvenTransaction, TransactionInputs};
+use miden_objects::transaction::TransactionInputs;
 use miden_objects::utils::{Deserializable, Serializable};
 use miden_proving_service::proto::api_client::ApiClient;
 use miden_proving_service::proto::proxy_status_api_client::ProxyStatusApiClient;
@@ -16,21 +16,11 @@ use nix::sys::signal::Signal;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::support::fixtures::sample_transactions;
+use crate::support::fixtures::{sample_transactions, tx_request, verify};
 use crate::support::otlp::Collector;
 use crate::support::{Daemon, Launch, START_TIMEOUT};
 
 const PROOF_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn tx_request(inputs: &TransactionInputs) -> ProofRequest {
-    ProofRequest { proof_type: ProofType::Transaction.into(), payload: inputs.to_bytes() }
-}
-
-fn verify(proof: &[u8]) -> ProvenTransaction {
-    let proven = ProvenTransaction::read_from_bytes(proof).expect("the proof decodes");
-    TransactionVerifier::new(MIN_PROOF_SECURITY_LEVEL).verify(&proven).expect("the proof verifies");
-    proven
-}
 
 async fn api(daemon: &Daemon) -> ApiClient<Channel> {
     daemon.api().await

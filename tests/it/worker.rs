@@ -3,17 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use miden_objects::MIN_PROOF_SECURITY_LEVEL;
 use miden_objects::batch::ProvenBatch;
 use miden_objects::block::ProvenBlock;
-use miden_objects::transaction::{ProvenTransaction, TransactionInputs};
 use miden_objects::utils::{Deserializable, Serializable};
 use miden_proving_service::proto::{ProofRequest, ProofType};
-use miden_tx::TransactionVerifier;
 use nix::sys::signal::Signal;
 use tonic::Code;
 
-use crate::support::fixtures::sample_transactions;
+use crate::support::fixtures::{sample_transactions, tx_request, verify};
 use crate::support::{Launch, START_TIMEOUT};
 
 /// Generous bound for one real transaction proof on a loaded 2-core machine.
@@ -21,18 +18,6 @@ const PROOF_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn request(kind: ProofType, payload: Vec<u8>) -> ProofRequest {
     ProofRequest { proof_type: kind.into(), payload }
-}
-
-fn tx_request(inputs: &TransactionInputs) -> ProofRequest {
-    request(ProofType::Transaction, inputs.to_bytes())
-}
-
-fn verify(proof: &[u8]) -> ProvenTransaction {
-    let proven = ProvenTransaction::read_from_bytes(proof).expect("the proof decodes");
-    TransactionVerifier::new(MIN_PROOF_SECURITY_LEVEL)
-        .verify(&proven)
-        .expect("the transaction proof verifies");
-    proven
 }
 
 #[tokio::test]

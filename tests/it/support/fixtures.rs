@@ -3,10 +3,47 @@
 //! integration tests, the quickstart example and the benchmarks.
 
 use anyhow::Context;
+use miden_objects::MIN_PROOF_SECURITY_LEVEL;
 use miden_objects::asset::FungibleAsset;
 use miden_objects::note::NoteType;
-use miden_objects::transaction::TransactionInputs;
+use miden_objects::transaction::{ProvenTransaction, TransactionInputs};
+use miden_objects::utils::{Deserializable, Serializable};
+use miden_proving_service::ProofKind;
+use miden_proving_service::proto::{ProofRequest, ProofType};
+use miden_proving_service::prover::{ProveError, Prover};
 use miden_testing::{Auth, MockChain};
+use miden_tx::TransactionVerifier;
+
+/// The `ProofRequest` a client sends to have `inputs` proved.
+pub fn tx_request(inputs: &TransactionInputs) -> ProofRequest {
+    ProofRequest { proof_type: ProofType::Transaction.into(), payload: inputs.to_bytes() }
+}
+
+/// Decodes a transaction proof and verifies it; panics naming which step failed.
+pub fn verify(proof: &[u8]) -> ProvenTransaction {
+    let proven = ProvenTransaction::read_from_bytes(proof).expect("the proof decodes");
+    TransactionVerifier::new(MIN_PROOF_SECURITY_LEVEL)
+        .verify(&proven)
+        .expect("the transaction proof verifies");
+    proven
+}
+
+/// Proves `input` in this process with the service's own prover (the code a worker's prover
+/// process runs: `prover::Prover`, which Miden's provers are compiled into once, in the library).
+/// Tests and examples prove through it, not with `LocalTransactionProver::prove` itself: that is
+/// generic (`impl Into<TransactionInputs>`), so every binary calling it would compile the whole
+/// STARK prover again, at opt-level 3 (four minutes a binary on two cores).
+pub fn prove_here(kind: ProofKind, input: &impl Serializable) -> Result<Vec<u8>, ProveError> {
+    let mut prover = Prover::new(kind);
+    let job = prover.decode(&input.to_bytes())?;
+    prover.prove(job)
+}
+
+/// [`prove_here`] for a transaction, decoded.
+pub fn prove_transaction_here(inputs: &TransactionInputs) -> ProvenTransaction {
+    let proof = prove_here(ProofKind::Transaction, inputs).expect("the transaction proves");
+    ProvenTransaction::read_from_bytes(&proof).expect("the proof decodes")
+}
 
 /// A mock chain and `count` independent transactions against its latest block, ready to prove.
 pub struct SampleTransactions {
