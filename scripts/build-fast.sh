@@ -6,7 +6,7 @@
 # runs it (src/cpu.rs).
 #
 #   scripts/build-fast.sh --release         → target/x86-64-v3/release/miden-proving-service
-#   scripts/build-fast.sh --bins --examples → target/x86-64-v3/debug/… (the tests' profile)
+#   scripts/build-fast.sh --bins            → target/x86-64-v3/debug/… (the tests' profile)
 #   MPS_TARGET_CPU=x86-64-v4 scripts/build-fast.sh --release → the AVX-512 build (+8 % here)
 #   MPS_TARGET_CPU=native scripts/build-fast.sh --release    → target/native/release/… (this CPU only)
 #

@@ -1,10 +1,9 @@
-//! The decoders the worker's prover processes run (`src/prover` of the service, compiled here
-//! from the same files), for the fuzz targets.
+//! The decoders the worker's prover processes run (`src/prover/decode.rs` of the service,
+//! compiled here from the same files), for the fuzz targets.
 #![feature(alloc_error_hook)]
 
 #[path = "../../src/kind.rs"]
 mod kind;
-#[path = "../../src/prover/mod.rs"]
 pub mod prover;
 
 pub use kind::ProofKind;

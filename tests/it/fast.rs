@@ -1,6 +1,6 @@
 //! The fast (x86-64-v3) build against the generic one. These tests need that build, so they are
-//! ignored by a plain `cargo test`; `.ci/run` makes it with `scripts/build-fast.sh --bins
-//! --examples` and runs them with `MPS_FAST_DIR=target/x86-64-v3/debug … --include-ignored`
+//! ignored by a plain `cargo test`; `.ci/run` makes it with `scripts/build-fast.sh --bins` (what
+//! the packages carry) and runs them with `MPS_FAST_DIR=target/x86-64-v3/debug … --include-ignored`
 //! (and every worker test against it with `MPS_TEST_BIN`). The build's name is the directory's:
 //! `MPS_TARGET_CPU=x86-64-v4` gives `target/x86-64-v4/debug`, tested the same way.
 
@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use miden_objects::MIN_PROOF_SECURITY_LEVEL;
+use miden_objects::batch::ProvenBatch;
 use miden_objects::transaction::ProvenTransaction;
 use miden_objects::utils::{Deserializable, Serializable};
 use miden_proving_service::proto::{ProofRequest, ProofType};
@@ -18,8 +19,8 @@ use crate::support::fixtures::sample_transactions;
 
 fn fast_dir() -> PathBuf {
     PathBuf::from(std::env::var_os("MPS_FAST_DIR").expect(
-        "MPS_FAST_DIR names the fast build's directory (scripts/build-fast.sh --bins --examples \
-         → target/x86-64-v3/debug)",
+        "MPS_FAST_DIR names the fast build's directory (scripts/build-fast.sh --bins → \
+         target/x86-64-v3/debug)",
     ))
 }
 
@@ -37,7 +38,7 @@ fn fast_build() -> String {
 }
 
 #[tokio::test]
-#[ignore = "needs the fast build: scripts/build-fast.sh --bins --examples, MPS_FAST_DIR"]
+#[ignore = "needs the fast build: scripts/build-fast.sh --bins, MPS_FAST_DIR"]
 async fn the_fast_and_the_generic_build_verify_each_others_proofs() {
     let fast = fast_dir();
     let build = fast_build();
@@ -64,22 +65,25 @@ async fn the_fast_and_the_generic_build_verify_each_others_proofs() {
         fast_worker.output()
     );
 
-    // The generic worker proves; the fast build's verifier checks it.
+    // The generic worker proves; the fast build's verifier checks it: a fast batch worker,
+    // which verifies each transaction's proof before it proves their batch.
     let generic_worker = Launch::worker_from(&generic_bin(), "transaction", 0).start().await;
     assert_eq!(generic_worker.worker_status().await.version, env!("CARGO_PKG_VERSION"));
     let proof = generic_worker.api().await.prove(request()).await.expect("generic proof");
-    let file = tempfile::NamedTempFile::new().expect("tempfile");
-    std::fs::write(file.path(), &proof.get_ref().payload).expect("write the proof");
-    let output = Command::new(fast.join("examples/prove_file"))
-        .arg("verify")
-        .arg(file.path())
-        .output()
-        .expect("run the fast build's prove_file");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains(&format!("verified by the {build} build")), "{stdout}");
     let generic_proof = ProvenTransaction::read_from_bytes(&proof.get_ref().payload).expect("ok");
     assert_eq!(generic_proof.id(), fast_proof.id(), "the same transaction either way");
+    let batch = sample.chain.propose_transaction_batch([generic_proof]).expect("a batch");
+    let fast_batches =
+        Launch::worker_from(&fast.join("miden-proving-service"), "batch", 0).start().await;
+    let request = ProofRequest { proof_type: ProofType::Batch.into(), payload: batch.to_bytes() };
+    let proof = fast_batches
+        .api()
+        .await
+        .prove(request)
+        .await
+        .expect("the fast build's verifier accepts the generic build's proof");
+    let proven = ProvenBatch::read_from_bytes(&proof.get_ref().payload).expect("decodes");
+    assert_eq!(proven.id(), batch.id());
 }
 
 #[test]
