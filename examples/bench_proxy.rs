@@ -263,7 +263,7 @@ fn stat_seconds(pid: i32, fields: std::ops::Range<usize>) -> f64 {
 
 async fn real() {
     let sample = support::fixtures::sample_transactions(4).await.expect("sample");
-    let worker = support::Launch::worker("transaction").start().await;
+    let worker = support::Launch::worker_proving_every_request("transaction").start().await;
     // Proving is what is measured: the second round's identical requests must not be answered
     // from the first round's kept proofs.
     let mut launch = support::Launch::proxy("transaction", &[&worker]);
@@ -320,7 +320,7 @@ async fn real() {
 /// and through a batch proxy in front of that worker — so the proxy's own hop shows apart from
 /// the worker's.
 async fn batches(chain: &miden_testing::MockChain, proven: Vec<ProvenTransaction>) {
-    let batch_worker = support::Launch::worker("batch").start().await;
+    let batch_worker = support::Launch::worker_proving_every_request("batch").start().await;
     let mut launch = support::Launch::proxy("batch", &[&batch_worker]);
     launch.command.env("MPS_PROOF_CACHE_SIZE", "0");
     let mut batch_proxy = launch.start_proxy().await;
@@ -419,9 +419,17 @@ async fn cache() {
         "| cache | proofs delivered to clients | tries | attempts sent to workers | prover runs ended (workers' `requests_served`) | workers' CPU | wall |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for (name, size) in [("on (64 MiB)", "64MiB"), ("off", "0")] {
-        let w1 = support::Launch::worker("transaction").start().await;
-        let w2 = support::Launch::worker("transaction").start().await;
+    for (name, size) in [("on (proxy 64 MiB, workers 16 MiB)", "64MiB"), ("off", "0")] {
+        // The workers keep proofs when the proxy does (their defaults), and none when it does not.
+        let worker = || {
+            let launch = if size == "0" {
+                support::Launch::worker_proving_every_request("transaction")
+            } else {
+                support::Launch::worker("transaction")
+            };
+            launch.start()
+        };
+        let (w1, w2) = (worker().await, worker().await);
         let mut launch = support::Launch::proxy("transaction", &[&w1, &w2]);
         launch.command.env("MPS_MAX_REQ_PER_SEC", "100000");
         launch.command.env("MPS_PROOF_CACHE_SIZE", size);

@@ -40,8 +40,9 @@ async fn main() -> anyhow::Result<()> {
     let tx_runs: usize = args.next().map_or(Ok(3), |a| a.parse())?;
     let batch_runs: usize = args.next().map_or(Ok(50), |a| a.parse())?;
 
-    let tx_worker = support::Launch::worker("transaction").start().await;
-    let batch_worker = support::Launch::worker("batch").start().await;
+    // Each side proves the same request every run: the worker must not answer from a kept proof.
+    let tx_worker = support::Launch::worker_proving_every_request("transaction").start().await;
+    let batch_worker = support::Launch::worker_proving_every_request("batch").start().await;
     let sample = support::fixtures::sample_transactions(2).await?;
     let mut tx_api = tx_worker.api().await;
     let mut batch_api = batch_worker.api().await;
@@ -71,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let (tx_local, tx_remote) = (median(local), median(remote));
 
-    // How fast a busy worker says so: a second request while a proof runs.
+    // How fast a busy worker says so: a second, different request while a proof runs.
     let mut busy = Vec::new();
     for _ in 0..3 {
         let mut first_api = tx_worker.api().await;
@@ -79,8 +80,11 @@ async fn main() -> anyhow::Result<()> {
             ProofRequest { proof_type: ProofType::Transaction.into(), payload: inputs.to_bytes() };
         let first = tokio::spawn(async move { first_api.prove(request).await });
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let request =
-            ProofRequest { proof_type: ProofType::Transaction.into(), payload: inputs.to_bytes() };
+        // Another request: an identical one would join the running proof.
+        let request = ProofRequest {
+            proof_type: ProofType::Transaction.into(),
+            payload: sample.inputs[1].to_bytes(),
+        };
         let started = Instant::now();
         let answer = tx_api.prove(request).await;
         busy.push(started.elapsed());

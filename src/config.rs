@@ -72,6 +72,10 @@ struct WorkerDefaults {
     handshake_timeout: &'static str,
     /// Connections served at once.
     max_connections: usize,
+    /// Bytes of finished proofs kept to answer identical requests.
+    proof_cache_size: &'static str,
+    /// How long a finished proof is kept.
+    proof_cache_ttl: &'static str,
 }
 
 const WORKER_DEFAULTS: WorkerDefaults = WorkerDefaults {
@@ -94,6 +98,10 @@ const WORKER_DEFAULTS: WorkerDefaults = WorkerDefaults {
     request_timeout: "30s",
     handshake_timeout: "10s",
     max_connections: 64,
+    // The last few proofs: a transaction proof is ≈ 100 KB, a batch's and a block's smaller, so
+    // 16 MiB holds well over a hundred, which is minutes of a worker's output.
+    proof_cache_size: "16MiB",
+    proof_cache_ttl: "5m",
 };
 
 /// The keys of the worker's file, in the order `worker.toml` lists them.
@@ -109,6 +117,8 @@ const WORKER_KEYS: &[&str] = &[
     "request_timeout",
     "handshake_timeout",
     "max_connections",
+    "proof_cache_size",
+    "proof_cache_ttl",
 ];
 
 /// Limits every prover process runs under.
@@ -150,6 +160,11 @@ pub struct WorkerSettings {
     pub limits: Limits,
     /// Transport bounds (take effect on restart).
     pub bounds: Bounds,
+    /// Bytes of finished proofs kept to answer identical requests; zero keeps none (a request
+    /// identical to the running proof still joins it). Live on reload.
+    pub proof_cache_size: usize,
+    /// How long a finished proof is kept; zero keeps none. Live on reload.
+    pub proof_cache_ttl: Duration,
 }
 
 impl WorkerSettings {
@@ -258,6 +273,10 @@ impl WorkerConfigSource {
         let request_timeout = check.positive_duration("request_timeout");
         let handshake_timeout = check.positive_duration("handshake_timeout");
         let max_connections = check.positive::<usize>("max_connections");
+        let proof_cache_size = check
+            .size("proof_cache_size", 0, u64::MAX)
+            .map(|size| usize::try_from(size).unwrap_or(usize::MAX));
+        let proof_cache_ttl = check.duration("proof_cache_ttl");
         check.finish()?;
         let limits = Limits {
             memory: memory.unwrap_or_default(),
@@ -286,6 +305,8 @@ impl WorkerConfigSource {
                 log_filter,
                 limits,
                 bounds,
+                proof_cache_size: proof_cache_size.unwrap_or_default(),
+                proof_cache_ttl: proof_cache_ttl.unwrap_or_default(),
             }),
             _ => unreachable!("Check::finish fails when any key failed"),
         }
@@ -1218,21 +1239,26 @@ mod tests {
             assert_eq!(settings.bounds.request_timeout, Duration::from_secs(30));
             assert_eq!(settings.bounds.handshake_timeout, Duration::from_secs(10));
             assert_eq!(settings.bounds.max_connections, 64);
+            assert_eq!(settings.proof_cache_size, 16 << 20);
+            assert_eq!(settings.proof_cache_ttl, Duration::from_secs(300));
             jail.create_file(
                 "worker.toml",
                 "prover_memory_limit = \"8MiB\"\nmax_proof_time = \"0s\"\n\
-                 max_request_size = \"1GiB\"\nmax_connections = 0\n",
+                 max_request_size = \"1GiB\"\nmax_connections = 0\n\
+                 proof_cache_size = \"lots\"\n",
             )?;
-            let err = source(WorkerFlags::default()).load().expect_err("four problems");
+            let err = source(WorkerFlags::default()).load().expect_err("five problems");
             let text = err.to_string();
-            assert!(text.contains("4 problems"), "{text}");
+            assert!(text.contains("5 problems"), "{text}");
+            assert!(text.contains("key `proof_cache_size`"), "{text}");
             assert!(text.contains("key `prover_memory_limit`: 8388608 bytes is outside"), "{text}");
             assert!(text.contains("key `max_proof_time`: must be longer than 0s"), "{text}");
             assert!(text.contains("key `max_request_size`"), "{text}");
             assert!(text.contains("key `max_connections`: must be at least 1"), "{text}");
-            jail.create_file("worker.toml", "max_request_size = 65536\n")?;
+            jail.create_file("worker.toml", "max_request_size = 65536\nproof_cache_size = 0\n")?;
             jail.set_env("MPS_WORKER_PROVER_MEMORY_LIMIT", "3GiB");
             let settings = source(WorkerFlags::default()).load().expect("valid");
+            assert_eq!(settings.proof_cache_size, 0, "0 turns the cache off");
             assert_eq!(settings.bounds.max_request_size, 65536);
             assert_eq!(settings.limits.memory, 3 << 30);
             Ok(())

@@ -23,6 +23,7 @@ pub mod process;
 pub mod proto;
 pub mod prover;
 pub mod proxy;
+pub mod share;
 pub mod systemd;
 pub mod telemetry;
 pub mod worker;

@@ -20,7 +20,6 @@ pub mod limit;
 pub mod metrics;
 pub mod poison;
 pub mod pool;
-pub mod share;
 pub mod state;
 
 use std::net::IpAddr;
@@ -37,8 +36,8 @@ use self::pool::{AcquireError, Health, Origin, WorkerPool};
 use crate::ProofKind;
 use crate::config::{ClientBounds, ProxySettings};
 use crate::proto::{self, ProofType};
-use crate::telemetry;
 use crate::worker::BUSY_MESSAGE;
+use crate::{share, telemetry};
 
 /// Settings a reload may change while requests run.
 #[derive(Clone, Debug)]
@@ -401,18 +400,13 @@ impl Proxy {
                     // or no worker has the request yet, and nobody else waits): they move to a
                     // task of their own, and their proof is kept for the retry that very likely
                     // follows.
-                    let landing = Landing {
-                        proxy: Arc::clone(self),
-                        key,
-                        flight: Arc::clone(waiter.flight()),
-                        landed: false,
-                    };
+                    let landing = share::Landing::new(Arc::clone(self), key, &waiter);
                     // `live` moves: this branch ends the loop.
                     let (message, meta) = (message.clone(), meta.clone());
                     let attempt = async move {
                         let outcome = landing
-                            .proxy
-                            .attempts(&message, client, &meta, &live, &key, &landing.flight)
+                            .holder()
+                            .attempts(&message, client, &meta, &live, &key, landing.flight())
                             .await;
                         landing.land(outcome);
                     }
@@ -683,32 +677,9 @@ impl Served {
 
 /// The end of a shared proof's attempts: their outcome goes to every waiter, and a task that
 /// ends without one (cancelled) tells the waiters to try again.
-struct Landing {
-    proxy: Arc<Proxy>,
-    key: poison::Digest,
-    flight: Arc<share::Flight>,
-    landed: bool,
-}
-
-impl Landing {
-    fn land(mut self, outcome: share::Outcome) {
-        self.proxy.proofs.finish(&self.key, &self.flight, outcome);
-        self.landed = true;
-    }
-}
-
-impl Drop for Landing {
-    fn drop(&mut self) {
-        if self.landed {
-            return;
-        }
-        self.proxy.proofs.finish(
-            &self.key,
-            &self.flight,
-            share::Outcome::Retry(Status::cancelled(
-                "the proof was cancelled: every client waiting for it left",
-            )),
-        );
+impl share::HoldsProofs for Arc<Proxy> {
+    fn proofs(&self) -> &share::Proofs {
+        &self.proofs
     }
 }
 

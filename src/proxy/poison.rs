@@ -5,7 +5,7 @@
 //! bytes, which a client could vary without changing what the worker proves); content that took
 //! down [`REFUSE_AFTER`] workers is refused at admission until `poison_ttl` has passed since the
 //! last death. The table is bounded: a full one forgets expired entries first, then the oldest.
-//! The digest is also the key of the proof cache ([`share`](super::share)), so every request is
+//! The digest is also the key of the proof cache ([`share`](crate::share)), so every request is
 //! hashed once; while the table is empty (the normal case) it is not even locked.
 
 use std::collections::HashMap;
@@ -21,8 +21,7 @@ pub const REFUSE_AFTER: u32 = 2;
 /// Entries kept at most (a digest and a count each: under 1 MB).
 pub const CAPACITY: usize = 10_000;
 
-/// The digest of a request's content.
-pub type Digest = [u8; 32];
+pub use crate::share::Digest;
 
 /// A `ProofRequest`'s fields, the payload as a slice of the message (no copy).
 #[derive(Clone, PartialEq, prost::Message)]
@@ -36,17 +35,10 @@ struct RequestContent {
 /// The digest of the content of an encoded `ProofRequest` (one that the proxy already decoded
 /// the head of; a message that does not decode is hashed whole).
 pub fn digest(message: &Bytes) -> Digest {
-    let mut hasher = blake3::Hasher::new();
     match <RequestContent as prost::Message>::decode(message.clone()) {
-        Ok(content) => {
-            hasher.update(&content.proof_type.to_le_bytes());
-            hasher.update(&content.payload);
-        }
-        Err(_) => {
-            hasher.update(message);
-        }
+        Ok(content) => crate::share::digest(content.proof_type, &content.payload),
+        Err(_) => *blake3::hash(message).as_bytes(),
     }
-    *hasher.finalize().as_bytes()
 }
 
 struct Deaths {

@@ -69,8 +69,9 @@ async fn serve_until_stopped(
         2 * settings.bounds.max_connections as u64 + 64,
         "max_connections",
     );
-    let worker = Worker::new(settings.prover_type, settings.limits, settings.bounds)
-        .map_err(DaemonError::OwnPath)?;
+    let worker =
+        Worker::new(settings.prover_type, settings.limits, settings.bounds, proof_cache(settings))
+            .map_err(DaemonError::OwnPath)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(serve(worker.clone(), listener, async move {
         let _ = stopped.await;
@@ -128,7 +129,8 @@ async fn serve_until_stopped(
 }
 
 /// SIGHUP: re-reads the file and the environment, applies what can change live (log filter,
-/// grace period) and names what needs a restart. A broken file keeps the running configuration.
+/// grace period, prover limits, proof cache) and names what needs a restart. A broken file keeps
+/// the running configuration.
 fn reload(
     source: &WorkerConfigSource,
     settings: &mut WorkerSettings,
@@ -157,11 +159,16 @@ fn reload(
                 worker.set_limits(new.limits);
                 settings.limits = new.limits;
             }
+            settings.proof_cache_size = new.proof_cache_size;
+            settings.proof_cache_ttl = new.proof_cache_ttl;
+            worker.set_proof_cache(proof_cache(settings));
             info!(
                 log_filter = %settings.log_filter,
                 grace_period = ?settings.grace_period,
                 prover_memory_limit = settings.limits.memory,
                 max_proof_time = ?settings.limits.max_proof_time,
+                proof_cache_size = settings.proof_cache_size,
+                proof_cache_ttl = ?settings.proof_cache_ttl,
                 "configuration reloaded"
             );
             systemd::ready(&worker.status_line());
@@ -172,4 +179,9 @@ fn reload(
             systemd::ready(&format!("{}; reload failed: {first}", worker.status_line()));
         }
     }
+}
+
+/// The proof cache's limits in `settings`.
+fn proof_cache(settings: &WorkerSettings) -> crate::share::Limits {
+    crate::share::Limits { max_bytes: settings.proof_cache_size, ttl: settings.proof_cache_ttl }
 }

@@ -2,6 +2,12 @@
 //! process of its own, [`job`]), `WorkerStatusApi/Status`, standard health, server reflection
 //! and gRPC-web, all on one listener whose connections and requests are bounded ([`transport`]).
 //!
+//! Requests are keyed by their content ([`share`]), as in the proxy but in small: a request
+//! identical to the running proof joins it instead of being answered busy, and the last proofs
+//! are kept (`proof_cache_size`, `proof_cache_ttl`) to answer identical requests at once. A
+//! proof everyone waiting for has left is still stopped: behind a proxy, the proxy decides
+//! whether a proof is worth finishing by staying connected.
+//!
 //! Errors reach the wire in exactly one place, [`WorkerError::into_status`].
 
 pub mod daemon;
@@ -13,18 +19,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
+use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span, field, info, info_span, warn};
 
 use self::job::{JobError, ProverProcesses};
-use self::transport::Admission;
+use self::transport::{Admission, Admitted};
 use crate::config::{Bounds, Limits};
 use crate::process::error_chain;
 use crate::proto::api_server::{Api, ApiServer};
 use crate::proto::worker_status_api_server::{WorkerStatusApi, WorkerStatusApiServer};
 use crate::proto::{self, ProofType};
+use crate::share::{self, Found, Outcome};
 use crate::{ProofKind, systemd, telemetry};
 
 pub use crate::proto::MAX_MESSAGE_SIZE;
@@ -71,8 +79,9 @@ pub enum WorkerError {
 }
 
 impl WorkerError {
-    /// The gRPC status a client sees (DESIGN §2: upstream's codes, plus `INVALID_ARGUMENT` for an
-    /// unknown proof type, which upstream silently proved as a transaction).
+    /// The gRPC status a client sees: upstream's codes, which clients and proxies match, plus
+    /// `INVALID_ARGUMENT` for an unknown proof type, which upstream silently proved as a
+    /// transaction.
     pub fn into_status(self) -> Status {
         let message = error_chain(&self);
         match self {
@@ -123,6 +132,10 @@ struct Inner {
     /// One permit: taken when a `Prove` call's headers arrive (so a busy worker answers before
     /// reading the body) and held until its prover process is gone.
     slot: Arc<Semaphore>,
+    /// Places for calls that arrive while a proof runs ([`transport::MAX_JOINERS`]).
+    joiners: Arc<Semaphore>,
+    /// The running proof and the kept ones, by content.
+    proofs: share::Proofs,
     served: AtomicU64,
     accepting: AtomicBool,
     /// What `STATUS=` says now.
@@ -130,14 +143,22 @@ struct Inner {
 }
 
 impl Worker {
-    /// A worker proving `kind` in prover processes under `limits`, serving within `bounds`.
-    pub fn new(kind: ProofKind, limits: Limits, bounds: Bounds) -> std::io::Result<Self> {
+    /// A worker proving `kind` in prover processes under `limits`, serving within `bounds`,
+    /// keeping finished proofs within `cache`.
+    pub fn new(
+        kind: ProofKind,
+        limits: Limits,
+        bounds: Bounds,
+        cache: share::Limits,
+    ) -> std::io::Result<Self> {
         Ok(Worker {
             inner: Arc::new(Inner {
                 kind,
                 processes: ProverProcesses::new(kind, limits)?,
                 bounds,
                 slot: Arc::new(Semaphore::new(1)),
+                joiners: Arc::new(Semaphore::new(transport::MAX_JOINERS)),
+                proofs: share::Proofs::new(cache, share::Gauges::detached()),
                 served: AtomicU64::new(0),
                 accepting: AtomicBool::new(true),
                 status: std::sync::Mutex::new("idle".to_owned()),
@@ -161,6 +182,11 @@ impl Worker {
         self.prepare();
     }
 
+    /// New proof cache limits (reload); what no longer fits is dropped.
+    pub fn set_proof_cache(&self, limits: share::Limits) {
+        self.inner.proofs.set_limits(limits);
+    }
+
     /// Starts a spare prover process in the background, [`SPARE_DELAY`] from now, so the next
     /// request does not wait for one. It is called when the slot frees, not while a proof runs:
     /// a starting process (exec, then Miden's kernel and library decoded: about 8.5 ms of CPU)
@@ -179,6 +205,14 @@ impl Worker {
     /// The worker's slot if it is free: one proof at a time.
     fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
         Arc::clone(&self.inner.slot).try_acquire_owned().ok()
+    }
+
+    /// A joiner's place, while a proof runs: the call may be the same request.
+    fn try_join(&self) -> Option<OwnedSemaphorePermit> {
+        if !self.inner.proofs.is_running() {
+            return None;
+        }
+        Arc::clone(&self.inner.joiners).try_acquire_owned().ok()
     }
 
     /// True while a proof runs.
@@ -210,34 +244,86 @@ impl Worker {
         }
     }
 
-    /// Admits one request and proves it in a prover process. `admitted` is the slot taken
-    /// when the headers arrived, if they were seen.
+    /// Answers one request: with a kept proof, by joining the identical running proof, or by
+    /// proving it in a prover process. `admitted` is what the call took when its headers arrived,
+    /// if they were seen.
     async fn prove_request(
         &self,
         request: proto::ProofRequest,
-        admitted: Option<OwnedSemaphorePermit>,
-    ) -> Result<Vec<u8>, WorkerError> {
+        admitted: Option<Admitted>,
+    ) -> Result<(Bytes, Served), Refusal> {
         let requested: ProofKind = ProofType::try_from(request.proof_type)
             .map_err(|_| WorkerError::UnknownProofType(request.proof_type))?
             .into();
         Span::current().record("proof_type", requested.as_str());
         if requested != self.kind() {
-            return Err(WorkerError::WrongProofType { requested, served: self.kind() });
+            return Err(WorkerError::WrongProofType { requested, served: self.kind() }.into());
         }
         if !self.inner.accepting.load(Ordering::SeqCst) {
-            return Err(WorkerError::ShuttingDown);
+            return Err(WorkerError::ShuttingDown.into());
         }
-        let permit = admitted.or_else(|| self.try_admit()).ok_or(WorkerError::Busy)?;
-        // The slot is held until the prover process is gone, also when the client leaves and
-        // this future is dropped (which kills the process): then the worker is idle at once.
-        let idle = Idle { worker: self.clone(), _permit: permit };
+        let key = share::digest(request.proof_type, &request.payload);
+        let (mut slot, _joiner) = match admitted {
+            Some(Admitted::Slot(slot)) => (Some(slot), None),
+            Some(Admitted::Joiner(place)) => (None, Some(place)),
+            None => (self.try_admit(), None),
+        };
+        let found = match (&slot, self.inner.proofs.join(&key)) {
+            (_, Some(found)) => found,
+            (Some(_), None) => self.inner.proofs.find(&key),
+            (None, None) => {
+                // Not the running proof; but that may have ended while this body arrived.
+                slot = Some(self.try_admit().ok_or(WorkerError::Busy)?);
+                self.inner.proofs.find(&key)
+            }
+        };
+        match found {
+            Found::Cached(proof) => Ok((proof, Served::Cached)),
+            Found::Running(waiter) => {
+                drop(slot);
+                info!("an identical request is being proved: waiting for its proof");
+                match waiter.outcome().await {
+                    Outcome::Proof(proof) => Ok((proof, Served::Joined)),
+                    Outcome::Final(status) | Outcome::Retry(status) => Err(Refusal::Shared(status)),
+                }
+            }
+            Found::New(waiter) => {
+                let slot = slot.unwrap_or_else(|| unreachable!("only a slot holder leads"));
+                let landing = share::Landing::new(self.clone(), key, &waiter);
+                let attempt = async move {
+                    let worker = landing.holder().clone();
+                    let outcome = match worker.prove_in_process(&request.payload, slot).await {
+                        Ok(proof) => Outcome::Proof(Bytes::from(proof)),
+                        Err(err) => Outcome::of(err.into_status()),
+                    };
+                    landing.land(outcome);
+                }
+                .instrument(Span::current());
+                // The attempt runs in this future; if this client leaves while another waits, it
+                // moves to a task of its own, otherwise it is dropped (the process killed).
+                match share::Leader::new(waiter, attempt).outcome().await {
+                    Outcome::Proof(proof) => Ok((proof, Served::Proved)),
+                    Outcome::Final(status) | Outcome::Retry(status) => Err(Refusal::Proof(status)),
+                }
+            }
+        }
+    }
+
+    /// Proves `payload` in a prover process, holding the slot until that process is gone (also
+    /// when this future is dropped, which kills the process: then the worker is idle at once).
+    async fn prove_in_process(
+        &self,
+        payload: &[u8],
+        slot: OwnedSemaphorePermit,
+    ) -> Result<Vec<u8>, WorkerError> {
+        let idle = Idle { worker: self.clone(), _permit: slot };
         let span = Span::current();
         let started = Instant::now();
         let result = self
             .inner
             .processes
             .prove(
-                &request.payload,
+                payload,
                 |subject| {
                     span.record("subject", subject);
                     self.set_status(format!("proving {subject}"));
@@ -256,6 +342,49 @@ impl Worker {
             }
         }
         result
+    }
+}
+
+impl share::HoldsProofs for Worker {
+    fn proofs(&self) -> &share::Proofs {
+        &self.inner.proofs
+    }
+}
+
+/// How a request got its proof.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Served {
+    /// Proved for it.
+    Proved,
+    /// An identical request's proof, running when it arrived.
+    Joined,
+    /// A kept proof.
+    Cached,
+}
+
+impl Served {
+    fn as_str(self) -> &'static str {
+        match self {
+            Served::Proved => "proved",
+            Served::Joined => "joined",
+            Served::Cached => "cached",
+        }
+    }
+}
+
+/// A `Prove` call answered without a proof.
+enum Refusal {
+    /// Refused before any proving (logged by the handler).
+    Early(WorkerError),
+    /// Its own proof failed (logged where it ran).
+    Proof(Status),
+    /// The identical request's proof it joined failed.
+    Shared(Status),
+}
+
+impl From<WorkerError> for Refusal {
+    fn from(err: WorkerError) -> Self {
+        Refusal::Early(err)
     }
 }
 
@@ -293,16 +422,39 @@ impl Api for Worker {
         let admitted = request.extensions_mut().remove::<Admission>().and_then(Admission::take);
         let result =
             self.prove_request(request.into_inner(), admitted).instrument(span.clone()).await;
+        let duration_ms = started.elapsed().as_millis();
         match result {
-            Ok(payload) => Ok(Response::new(proto::Proof { payload })),
-            Err(err) => {
-                // Proving outcomes are logged by the proving thread; log only early refusals here.
-                if !matches!(err, WorkerError::Job(_)) {
+            Ok((proof, served)) => {
+                // A proof made here was logged where it was made.
+                if served != Served::Proved {
                     span.in_scope(|| {
-                        info!(outcome = err.outcome(), duration_ms = started.elapsed().as_millis(), error = %err, "request refused");
+                        info!(
+                            outcome = served.as_str(),
+                            duration_ms,
+                            proof_bytes = proof.len(),
+                            "answered with an identical request's proof"
+                        );
                     });
                 }
+                Ok(Response::new(proto::Proof { payload: Vec::from(proof) }))
+            }
+            Err(Refusal::Early(err)) => {
+                span.in_scope(|| {
+                    info!(outcome = err.outcome(), duration_ms, error = %err, "request refused");
+                });
                 Err(err.into_status())
+            }
+            Err(Refusal::Proof(status)) => Err(status),
+            Err(Refusal::Shared(status)) => {
+                span.in_scope(|| {
+                    info!(
+                        outcome = "joined",
+                        duration_ms,
+                        error = status.message(),
+                        "the identical request's proof failed"
+                    );
+                });
+                Err(status)
             }
         }
     }

@@ -5,10 +5,11 @@
 //!   `handshake_timeout`; at most `max_connections` wait for that (a new one pushes out the
 //!   oldest waiting) and at most `max_connections` are served; accept errors (out of descriptors)
 //!   pause the loop instead of spinning.
-//! - [`AdmissionLayer`] sits in front of every service: a `Prove` call that finds the worker busy
-//!   is answered `RESOURCE_EXHAUSTED` from its headers, before its body is read; the one admitted
-//!   takes the slot with it ([`Admission`]); every request body must arrive whole within
-//!   `request_timeout`.
+//! - [`AdmissionLayer`] sits in front of every service: a `Prove` call that finds the slot free
+//!   takes it with it ([`Admission`]); one that finds a proof running takes one of
+//!   [`MAX_JOINERS`] places, whose body is read only to learn whether it is the same request
+//!   (then it joins that proof); any other is answered `RESOURCE_EXHAUSTED` from its headers,
+//!   before its body is read. Every request body must arrive whole within `request_timeout`.
 //! - HTTP/2 itself is bounded in [`super::serve`]: streams per connection, windows, keepalive.
 
 use std::collections::VecDeque;
@@ -183,14 +184,27 @@ async fn accept_loop(
 // REQUESTS
 // ================================================================================================
 
-/// The proving slot taken for a `Prove` call when its headers arrived, handed to the handler in
-/// the request's extensions. (Extensions must be `Clone`, hence the shared cell.)
+/// `Prove` calls admitted while a proof runs, to learn whether they ask for that same proof (or a
+/// kept one): each may hold a body of up to `max_request_size` for up to `request_timeout`, so
+/// this bounds what a busy worker buffers. Beyond it a busy worker answers from the headers.
+pub const MAX_JOINERS: usize = 4;
+
+/// What a `Prove` call was admitted with when its headers arrived.
+pub enum Admitted {
+    /// The proving slot: this call proves (or finds its proof kept).
+    Slot(OwnedSemaphorePermit),
+    /// A joiner's place: this call may only join the running proof or find a kept one.
+    Joiner(OwnedSemaphorePermit),
+}
+
+/// The admission of a `Prove` call, handed to the handler in the request's extensions.
+/// (Extensions must be `Clone`, hence the shared cell.)
 #[derive(Clone)]
-pub struct Admission(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+pub struct Admission(Arc<Mutex<Option<Admitted>>>);
 
 impl Admission {
-    /// The slot, once.
-    pub fn take(self) -> Option<OwnedSemaphorePermit> {
+    /// The admission, once.
+    pub fn take(self) -> Option<Admitted> {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
     }
 }
@@ -247,13 +261,17 @@ where
         let bounds = self.worker.inner.bounds;
         let (mut parts, body) = request.into_parts();
         if parts.uri.path() == PROVE_PATH {
-            let Some(permit) = self.worker.try_admit() else {
+            let admitted = if let Some(slot) = self.worker.try_admit() {
+                Admitted::Slot(slot)
+            } else if let Some(place) = self.worker.try_join() {
+                Admitted::Joiner(place)
+            } else {
                 // Debug only: a flood of these must not become a flood of log lines.
                 debug!(outcome = "busy", "request refused before its body was read");
                 let status = WorkerError::Busy.into_status();
                 return Box::pin(async move { Ok(status.into_http()) });
             };
-            parts.extensions.insert(Admission(Arc::new(Mutex::new(Some(permit)))));
+            parts.extensions.insert(Admission(Arc::new(Mutex::new(Some(admitted)))));
         }
         let body = tonic::body::Body::new(Deadline::new(body, bounds.request_timeout));
         let request = http::Request::from_parts(parts, body);

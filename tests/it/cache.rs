@@ -125,7 +125,7 @@ async fn kept_proofs_leave_at_their_age_and_oldest_first_beyond_the_size_and_zer
     let request =
         |n: u8| ProofRequest { proof_type: ProofType::Transaction.into(), payload: vec![n; 64] };
     // Room for two of the stand-in's 84 KB proofs.
-    let room = 2 * (84_000 + miden_proving_service::proxy::share::ENTRY_OVERHEAD) + 1000;
+    let room = 2 * (84_000 + miden_proving_service::share::ENTRY_OVERHEAD) + 1000;
     let mut launch = Launch::proxy_for("transaction", &[addr]);
     launch.command.env("MPS_PROOF_CACHE_SIZE", room.to_string());
     launch.command.env("MPS_PROOF_CACHE_TTL", "2s");

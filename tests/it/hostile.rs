@@ -333,7 +333,7 @@ async fn write_fuzz_seeds() {
 
 #[tokio::test]
 async fn a_cancelled_proof_frees_the_worker_at_once() {
-    let sample = sample_transactions(1).await.expect("sample transaction");
+    let sample = sample_transactions(2).await.expect("sample transactions");
     let mut worker = Launch::worker("transaction").start().await;
     let proving = {
         let mut api = worker.api().await;
@@ -369,9 +369,10 @@ async fn a_cancelled_proof_frees_the_worker_at_once() {
 
     // A worker that dies takes its prover processes with it (PR_SET_PDEATHSIG).
     let seen = worker.notify.messages().len();
+    // Another input: the first one's proof is kept, and would answer at once.
     let proving = {
         let mut api = worker.api().await;
-        let req = request(ProofType::Transaction, sample.inputs[0].to_bytes());
+        let req = request(ProofType::Transaction, sample.inputs[1].to_bytes());
         tokio::spawn(async move { api.prove(req).await })
     };
     let started = Instant::now();

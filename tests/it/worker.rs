@@ -6,9 +6,11 @@ use std::time::{Duration, Instant};
 use miden_objects::batch::ProvenBatch;
 use miden_objects::block::ProvenBlock;
 use miden_objects::utils::{Deserializable, Serializable};
+use miden_proving_service::proto::api_client::ApiClient;
 use miden_proving_service::proto::{ProofRequest, ProofType};
 use nix::sys::signal::Signal;
 use tonic::Code;
+use tonic::transport::Channel;
 
 use crate::support::fixtures::{sample_transactions, tx_request, verify};
 use crate::support::{Launch, START_TIMEOUT};
@@ -60,9 +62,11 @@ async fn proves_a_transaction_a_batch_and_a_block() {
     assert_eq!(block.header().block_num(), block_num);
 }
 
+/// Also the worker's side of "no proof is computed twice": while a proof runs, an identical
+/// request joins it and a different one is answered busy; afterwards the kept proof answers.
 #[tokio::test]
-async fn refuses_bad_requests_clearly_and_answers_busy_at_once() {
-    let sample = sample_transactions(1).await.expect("sample transaction");
+async fn refuses_bad_requests_clearly_joins_an_identical_one_and_answers_busy_to_another() {
+    let sample = sample_transactions(2).await.expect("sample transactions");
     let mut worker = Launch::worker("transaction").start().await;
     let mut api = worker.api().await;
 
@@ -90,7 +94,7 @@ async fn refuses_bad_requests_clearly_and_answers_busy_at_once() {
         assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     }
     let status = worker.worker_status().await;
-    // "0.1.0", or "0.1.0+x86-64-v3" when MPS_TEST_BIN names the fast build.
+    // "0.1.0", or "0.1.0+x86-64-v3" when MPSDEV_TEST_BIN names the fast build.
     assert_eq!(status.version.split('+').next(), Some(env!("CARGO_PKG_VERSION")));
     assert_eq!(status.supported_proof_type, ProofType::Transaction as i32);
     assert!(!status.busy);
@@ -100,17 +104,19 @@ async fn refuses_bad_requests_clearly_and_answers_busy_at_once() {
         assert!(services.iter().any(|s| s == expected), "{expected} missing from {services:?}");
     }
 
-    // The same worker still proves a valid request after all that; while it does, a second
-    // request is refused as busy before the first proof has ended.
-    let first = {
-        let mut api = worker.api().await;
-        let req = tx_request(&sample.inputs[0]);
-        tokio::spawn(async move { api.prove(req).await })
+    // The same worker still proves a valid request after all that. While it does, an identical
+    // request joins it, and a different one is refused as busy before the first proof has ended.
+    let spawn_prove = |api: &ApiClient<Channel>, request| {
+        let mut api = api.clone();
+        tokio::spawn(async move { api.prove(request).await })
     };
+    let first = spawn_prove(&api, tx_request(&sample.inputs[0]));
     let proving = worker.notify.wait_for_status("proving transaction", PROOF_TIMEOUT).await;
     assert!(proving.contains("for account 0x"), "{proving}");
+    let joined = spawn_prove(&api, tx_request(&sample.inputs[0]));
+    worker.wait_for_output("an identical request is being proved", START_TIMEOUT).await;
     let asked = Instant::now();
-    let err = api.prove(tx_request(&sample.inputs[0])).await.expect_err("busy");
+    let err = api.prove(tx_request(&sample.inputs[1])).await.expect_err("busy");
     let busy_after = asked.elapsed();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert_eq!(err.message(), "Server is busy handling another request");
@@ -120,9 +126,23 @@ async fn refuses_bad_requests_clearly_and_answers_busy_at_once() {
 
     let proof = first.await.expect("join").expect("the first request is proved").into_inner();
     verify(&proof.payload);
+    let shared = joined.await.expect("join").expect("the identical request's proof").into_inner();
+    assert_eq!(shared.payload, proof.payload, "the joiner gets the same proof");
     let status = worker.worker_status().await;
     assert!(!status.busy);
-    assert_eq!(status.requests_served, 2, "the garbage payload and the proof");
+    assert_eq!(status.requests_served, 2, "the garbage payload and one proof");
+
+    // Asked again once it ended, the kept proof answers: nothing is proved.
+    let kept = api.prove(tx_request(&sample.inputs[0])).await.expect("the kept proof");
+    assert_eq!(kept.into_inner().payload, proof.payload);
+    assert_eq!(worker.worker_status().await.requests_served, 2, "no prover process ran");
+    let logged = worker.output();
+    let answered: Vec<&str> = logged
+        .lines()
+        .filter(|l| l.contains("answered with an identical request's proof"))
+        .collect();
+    assert_eq!(answered.len(), 2, "{logged}");
+    assert!(answered[0].contains("joined") && answered[1].contains("cached"), "{answered:?}");
     worker.notify.wait_for_status("idle", START_TIMEOUT).await;
     worker.signal(Signal::SIGTERM);
     assert!(worker.wait(START_TIMEOUT).await.success());

@@ -235,6 +235,15 @@ impl Launch {
         launch
     }
 
+    /// A worker for `kind` that keeps no finished proofs: one that proves the same request
+    /// again (benchmarks, which measure proving).
+    #[allow(dead_code)] // The benchmarks in examples/ use it; the tests want the defaults.
+    pub fn worker_proving_every_request(kind: &str) -> Self {
+        let mut launch = Launch::worker(kind);
+        launch.command.env("MPS_WORKER_PROOF_CACHE_SIZE", "0");
+        launch
+    }
+
     /// A proxy for `kind` on 127.0.0.1 (gRPC, status and metrics on free ports) in front of
     /// `workers`, with health checks every 200 ms and a rate limit high enough for bursts.
     pub fn proxy(kind: &str, workers: &[&Daemon]) -> Self {

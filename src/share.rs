@@ -1,12 +1,13 @@
-//! Content-addressed proofs: no proof is computed twice.
+//! Content-addressed proofs: no proof is computed twice. The proxy and the worker both keep one
+//! such table.
 //!
 //! A proof is a function of its input, so every `Prove` call is keyed by the digest of its content
-//! ([`poison::digest`](super::poison::digest): BLAKE3 of the proof type and the payload; the key
-//! is the whole input, and a 256-bit digest cannot be steered onto another input's proof). A call
-//! whose key is being proved joins that proof instead of taking a worker (a [`Flight`]); a proof
-//! that finished is kept for `proof_cache_ttl`, within `proof_cache_size` bytes (oldest out
-//! first), and answers the same key at once. Only proofs are kept, never errors. A proof tells
-//! nobody anything the sender of its input did not already hold.
+//! ([`digest`]: BLAKE3 of the proof type and the payload; the key is the whole input, and a
+//! 256-bit digest cannot be steered onto another input's proof). A call whose key is being proved
+//! joins that proof instead of proving it again (a [`Flight`]); a proof that finished is kept for
+//! `proof_cache_ttl`, within `proof_cache_size` bytes (oldest out first), and answers the same key
+//! at once. Only proofs are kept, never errors. A proof tells nobody anything the sender of its
+//! input did not already hold.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,7 +19,18 @@ use prometheus::{IntCounter, IntGauge};
 use tokio::sync::watch;
 use tonic::Status;
 
-use super::poison::Digest;
+/// The digest of a request's content: the key of its proof.
+pub type Digest = [u8; 32];
+
+/// The digest of a `ProofRequest`'s content: BLAKE3 of the proof type (little-endian `i32`) and
+/// the payload. Not of the encoded message, which a client could vary without changing what is
+/// proved.
+pub fn digest(proof_type: i32, payload: &[u8]) -> Digest {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&proof_type.to_le_bytes());
+    hasher.update(payload);
+    *hasher.finalize().as_bytes()
+}
 
 /// What an entry costs beyond its proof's bytes: the key, its time, two map slots.
 pub const ENTRY_OVERHEAD: usize = 128;
@@ -216,6 +228,70 @@ pub struct Gauges {
     pub evictions: IntCounter,
 }
 
+impl Gauges {
+    /// Gauges in no registry, for a table whose figures nobody exports (the worker's).
+    pub fn detached() -> Self {
+        Gauges {
+            entries: IntGauge::new("proofs", "proofs held").expect("a valid gauge name"),
+            bytes: IntGauge::new("bytes", "bytes held").expect("a valid gauge name"),
+            evictions: IntCounter::new("evictions", "proofs dropped").expect("a valid name"),
+        }
+    }
+}
+
+/// Who holds a [`Proofs`] table: what a [`Landing`] ends its flight in.
+pub trait HoldsProofs: Send + 'static {
+    /// The table.
+    fn proofs(&self) -> &Proofs;
+}
+
+/// Ends a flight however its attempt ends: with the attempt's outcome ([`Landing::land`]), or,
+/// when the attempt is dropped before it (cancelled: everyone waiting left), as abandoned, so
+/// that the key is free to be proved again.
+pub struct Landing<H: HoldsProofs> {
+    holder: H,
+    key: Digest,
+    flight: Arc<Flight>,
+    landed: bool,
+}
+
+impl<H: HoldsProofs> Landing<H> {
+    /// The landing of `waiter`'s flight for `key`, in `holder`'s table.
+    pub fn new(holder: H, key: Digest, waiter: &Waiter) -> Self {
+        Landing { holder, key, flight: Arc::clone(waiter.flight()), landed: false }
+    }
+
+    /// Who holds the table.
+    pub fn holder(&self) -> &H {
+        &self.holder
+    }
+
+    /// The flight landed.
+    pub fn flight(&self) -> &Flight {
+        &self.flight
+    }
+
+    /// Ends the flight with `outcome`.
+    pub fn land(mut self, outcome: Outcome) {
+        self.holder.proofs().finish(&self.key, &self.flight, outcome);
+        self.landed = true;
+    }
+}
+
+impl<H: HoldsProofs> Drop for Landing<H> {
+    fn drop(&mut self) {
+        if !self.landed {
+            self.holder.proofs().finish(
+                &self.key,
+                &self.flight,
+                Outcome::Retry(Status::cancelled(
+                    "the proof was cancelled: every client waiting for it left",
+                )),
+            );
+        }
+    }
+}
+
 /// Running and finished proofs by content.
 pub struct Proofs {
     inner: Mutex<Inner>,
@@ -245,12 +321,8 @@ impl Proofs {
     /// The kept proof of `key`, the flight computing it, or a new flight for the caller to lead.
     pub fn find(&self, key: &Digest) -> Found {
         let mut inner = self.lock();
-        self.evict(&mut inner, Instant::now());
-        if let Some(stored) = inner.stored.get(key) {
-            return Found::Cached(stored.proof.clone());
-        }
-        if let Some(flight) = inner.running.get(key) {
-            return Found::Running(Waiter::new(Arc::clone(flight)));
+        if let Some(found) = self.existing(&mut inner, key) {
+            return found;
         }
         let flight = Arc::new(Flight {
             outcome: watch::Sender::new(None),
@@ -261,6 +333,26 @@ impl Proofs {
         });
         inner.running.insert(*key, Arc::clone(&flight));
         Found::New(Waiter::new(flight))
+    }
+
+    /// The kept proof of `key` or the flight computing it, never a new flight: for a caller that
+    /// could not prove it itself (a busy worker's request).
+    pub fn join(&self, key: &Digest) -> Option<Found> {
+        self.existing(&mut self.lock(), key)
+    }
+
+    fn existing(&self, inner: &mut Inner, key: &Digest) -> Option<Found> {
+        self.evict(inner, Instant::now());
+        if let Some(stored) = inner.stored.get(key) {
+            return Some(Found::Cached(stored.proof.clone()));
+        }
+        let flight = inner.running.get(key)?;
+        Some(Found::Running(Waiter::new(Arc::clone(flight))))
+    }
+
+    /// Whether any proof is being computed.
+    pub fn is_running(&self) -> bool {
+        !self.lock().running.is_empty()
     }
 
     /// Ends `flight` (found for `key`) with `outcome`: keeps a proof when it fits and wakes every
