@@ -350,6 +350,7 @@ struct ProxyDefaults {
     max_req_per_sec: u32,
     rate_limit_ipv6_prefix: u8,
     trusted_forwarders: Vec<String>,
+    proxy_protocol: bool,
     max_request_size: &'static str,
     request_timeout: &'static str,
     handshake_timeout: &'static str,
@@ -393,6 +394,7 @@ const PROXY_DEFAULTS: ProxyDefaults = ProxyDefaults {
     max_req_per_sec: 5,
     rate_limit_ipv6_prefix: 64,
     trusted_forwarders: Vec::new(),
+    proxy_protocol: false,
     // The worker's own defaults: a transaction is ≈ 109 KB, a full block a few megabytes.
     max_request_size: "16MiB",
     request_timeout: "30s",
@@ -433,6 +435,7 @@ const PROXY_KEYS: &[&str] = &[
     "max_req_per_sec",
     "rate_limit_ipv6_prefix",
     "trusted_forwarders",
+    "proxy_protocol",
     "max_request_size",
     "request_timeout",
     "handshake_timeout",
@@ -498,6 +501,9 @@ pub struct ProxySettings {
     pub rate_limit_ipv6_prefix: u8,
     /// Load balancers whose `X-Forwarded-For` names the client (addresses or prefixes).
     pub trusted_forwarders: Vec<crate::proxy::limit::Network>,
+    /// Connections from `trusted_forwarders` begin with a PROXY protocol header (v1 or v2)
+    /// naming the client.
+    pub proxy_protocol: bool,
     /// What clients may hold of the proxy: connections, buffered bodies, time.
     pub client_bounds: ClientBounds,
     /// How often every worker's health is checked.
@@ -607,6 +613,7 @@ impl ProxyConfigSource {
             }
             (networks.len() == list.len()).then_some(networks)
         });
+        let proxy_protocol = check.get::<bool>("proxy_protocol");
         let health_check_interval = check.duration("health_check_interval");
         let health_check_timeout = check.duration("health_check_timeout");
         let grace_period = check.duration("grace_period");
@@ -641,6 +648,7 @@ impl ProxyConfigSource {
             max_req_per_sec: max_req_per_sec.unwrap_or_else(missing),
             rate_limit_ipv6_prefix: rate_limit_ipv6_prefix.unwrap_or_else(missing),
             trusted_forwarders: trusted_forwarders.unwrap_or_else(missing),
+            proxy_protocol: proxy_protocol.unwrap_or_else(missing),
             client_bounds: client_bounds.unwrap_or_else(missing),
             health_check_interval: health_check_interval.unwrap_or_else(missing),
             health_check_timeout: health_check_timeout.unwrap_or_else(missing),

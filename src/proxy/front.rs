@@ -8,7 +8,9 @@
 //! is an error at start, not a silent wait.
 //!
 //! Before Pingora sees a connection, it takes a place among the open connections
-//! ([`super::bounds::Connections`]) and must show its protocol within `handshake_timeout`: the
+//! ([`super::bounds::Connections`]), on the main port gives up its PROXY protocol header if it
+//! comes from a trusted forwarder and `proxy_protocol` is on ([`super::proxy_protocol`]), and
+//! must show its protocol within `handshake_timeout`: the
 //! 24-byte HTTP/2 preface, or any other first bytes for HTTP/1 (so a short HTTP/1.0 request is
 //! answered, not held waiting for 24 bytes). A `Prove` call is admitted from its headers (rate
 //! limit, queue room), then from its gRPC prefix (size, compression, the bytes budget), and only
@@ -35,6 +37,7 @@ use tonic::Status;
 use tracing::{debug, warn};
 
 use super::bounds::{Reservation, Slot};
+use super::proxy_protocol;
 use super::{Proxy, RequestMeta};
 
 /// HTTP/2 flow-control window for streams and connections.
@@ -96,9 +99,11 @@ pub async fn serve(
                 continue;
             }
         };
-        let bounds = front.proxy.live().client_bounds;
+        let live = front.proxy.live();
+        let bounds = live.client_bounds;
         let client = front.proxy.client_key(peer.ip());
         let exempt = front.proxy.is_forwarder(peer.ip());
+        let proxy_protocol = exempt && live.proxy_protocol && front.role == Role::Grpc;
         let slot = match front.proxy.connections().open(client, exempt, &bounds) {
             Ok(slot) => slot,
             Err(refused) => {
@@ -109,7 +114,17 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let (front, shutdown) = (Arc::clone(&front), shutdown.clone());
         connections.spawn(async move {
-            let mut slot = slot;
+            let (mut slot, mut tcp, mut peer) = (slot, tcp, peer);
+            if proxy_protocol {
+                match proxy_protocol::read_header(&mut tcp, bounds.handshake_timeout).await {
+                    Ok(proxy_protocol::Header::Forwarded(client)) => peer = client,
+                    Ok(proxy_protocol::Header::Local) => {}
+                    Err(err) => {
+                        debug!(%peer, "closing a connection from a trusted forwarder: {err}");
+                        return;
+                    }
+                }
+            }
             let Some(h2) = handshake(&tcp, &mut slot, bounds.handshake_timeout).await else {
                 return;
             };

@@ -20,6 +20,7 @@ pub mod limit;
 pub mod metrics;
 pub mod poison;
 pub mod pool;
+pub mod proxy_protocol;
 pub mod state;
 
 use std::net::IpAddr;
@@ -58,6 +59,8 @@ pub struct LiveSettings {
     pub rate_limit_ipv6_prefix: u8,
     /// Forwarders whose `X-Forwarded-For` names the client.
     pub trusted_forwarders: Vec<limit::Network>,
+    /// Connections from trusted forwarders begin with a PROXY protocol header.
+    pub proxy_protocol: bool,
     /// What clients may hold: connections, buffered bytes, time.
     pub client_bounds: ClientBounds,
     /// Health-check interval and per-check timeout.
@@ -77,6 +80,7 @@ impl From<&ProxySettings> for LiveSettings {
             max_req_per_sec: s.max_req_per_sec,
             rate_limit_ipv6_prefix: s.rate_limit_ipv6_prefix,
             trusted_forwarders: s.trusted_forwarders.clone(),
+            proxy_protocol: s.proxy_protocol,
             client_bounds: s.client_bounds,
             health_check: (s.health_check_interval, s.health_check_timeout),
             public_worker_addresses: s.public_worker_addresses,

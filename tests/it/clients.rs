@@ -316,3 +316,71 @@ async fn a_forwarded_client_counts_only_from_a_trusted_forwarder_and_headers_are
         }
     }
 }
+
+/// A gRPC-web `Prove` over HTTP/1.1 from `from`, after `prefix` (a PROXY protocol header); all the
+/// proxy answered before it closed the connection.
+async fn web_prove_after(from: IpAddr, to: SocketAddr, prefix: &[u8]) -> Vec<u8> {
+    let mut stream = connect_from(from, to).await.expect("connect");
+    let mut request = prefix.to_vec();
+    request.extend_from_slice(
+        b"POST /remote_prover.Api/Prove HTTP/1.1\r\nHost: proxy\r\n\
+          Content-Type: application/grpc-web+proto\r\nContent-Length: 7\r\nConnection: close\r\n\r\n",
+    );
+    request.extend_from_slice(&[0, 0, 0, 0, 2, 0x12, 0]);
+    stream.write_all(&request).await.expect("send");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(START_TIMEOUT, stream.read_to_end(&mut answer)).await;
+    answer
+}
+
+/// A PROXY protocol v2 header for a TCP4 connection from `client`.
+fn proxy_v2(client: [u8; 4]) -> Vec<u8> {
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    header.extend(client);
+    header.extend([127, 0, 0, 1, 0x9c, 0x40, 0xc3, 0x53]);
+    header
+}
+
+#[tokio::test]
+async fn a_proxy_protocol_header_names_the_client_of_a_trusted_forwarder_only() {
+    let mut launch = Launch::proxy_for("transaction", &[]);
+    launch.command.env("MPS_MAX_REQ_PER_SEC", "1");
+    launch.command.env("MPS_TRUSTED_FORWARDERS", "[\"127.0.0.1\"]");
+    launch.command.env("MPS_PROXY_PROTOCOL", "true");
+    let proxy = launch.start_proxy().await;
+    let (forwarder, to) = ("127.0.0.1".parse().expect("address"), proxy.daemon.addr);
+    let status_after = |answer: Vec<u8>| {
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        (grpc_web_status(&answer), text)
+    };
+    let v1 = |client: &str| format!("PROXY TCP4 {client} 127.0.0.1 40000 {}\r\n", to.port());
+
+    // Version 1: the header's source is the client the rate limit counts.
+    let (code, text) =
+        status_after(web_prove_after(forwarder, to, v1("198.51.100.7").as_bytes()).await);
+    assert_eq!(code, Some(Code::Unavailable as u32), "no workers: {text}");
+    let (code, text) =
+        status_after(web_prove_after(forwarder, to, v1("198.51.100.7").as_bytes()).await);
+    assert_eq!(code, Some(Code::ResourceExhausted as u32), "{text}");
+    assert!(text.contains("Too many requests from 198.51.100.7"), "{text}");
+    // Version 2, another client: a bucket of its own.
+    let (code, text) =
+        status_after(web_prove_after(forwarder, to, &proxy_v2([198, 51, 100, 8])).await);
+    assert_eq!(code, Some(Code::Unavailable as u32), "its own bucket: {text}");
+    // LOCAL (a balancer's own health check): the forwarder is the client.
+    let local = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+    let (code, text) = status_after(web_prove_after(forwarder, to, local).await);
+    assert_eq!(code, Some(Code::Unavailable as u32), "the forwarder's own bucket: {text}");
+    // A trusted forwarder's connection without a header is closed unanswered.
+    let answer = web_prove_after(forwarder, to, b"").await;
+    assert!(answer.is_empty(), "answered: {}", String::from_utf8_lossy(&answer));
+    // Anyone else is never read for a header: a client cannot name itself another.
+    let (code, text) = status_after(web_prove_after(other_client(), to, b"").await);
+    assert_eq!(code, Some(Code::Unavailable as u32), "an untrusted peer is its own client: {text}");
+    let forged = web_prove_after(other_client(), to, v1("198.51.100.9").as_bytes()).await;
+    assert_ne!(
+        grpc_web_status(&forged),
+        Some(Code::Unavailable as u32),
+        "a forged header was read"
+    );
+}
