@@ -1,4 +1,4 @@
-//! Command-line interface of `miden-proving-service`, kept compatible with the seed's
+//! Command-line interface of `miden-proving-service`, kept compatible with upstream's
 //! (`start-worker --port 8082 --prover-type transaction`). Flags override the file and the
 //! environment (see [`crate::config`]).
 
@@ -28,8 +28,10 @@ pub enum Command {
     /// Start a proxy that queues requests and spreads them over workers.
     StartProxy(ProxyArgs),
     /// Add workers to a running proxy over its control socket (as `minedctl add-worker`).
+    #[command(visible_alias = "add-worker")]
     AddWorkers(ControlArgs),
     /// Remove workers from a running proxy over its control socket (as `minedctl remove-worker`).
+    #[command(visible_alias = "remove-worker")]
     RemoveWorkers(ControlArgs),
     /// A worker's prover process: proves the one request on stdin (started by the worker only).
     #[command(hide = true)]
@@ -50,7 +52,8 @@ pub struct ProveJobArgs {
     pub parent: u32,
 }
 
-/// `add-workers` / `remove-workers`: the seed's commands, now over the root-only control socket.
+/// `add-workers` / `remove-workers` (or `add-worker` / `remove-worker`, as upstream's usage line
+/// spells them): upstream's commands, here over the root-only control socket.
 #[derive(Debug, Args)]
 pub struct ControlArgs {
     /// Worker addresses, host:port.
@@ -59,13 +62,13 @@ pub struct ControlArgs {
     /// The proxy's control socket (its setting `control_socket`).
     #[arg(long, value_name = "PATH", env = "MPS_CONTROL_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
     pub socket: PathBuf,
-    /// The seed's TCP control port; gone: the proxy listens on a root-only Unix socket instead.
+    /// Upstream's TCP control port; gone: the proxy listens on a root-only Unix socket instead.
     #[arg(long, hide = true, value_name = "PORT")]
     pub control_port: Option<u16>,
 }
 
 impl ControlArgs {
-    /// Refuses the seed's `--control-port` with what to use instead.
+    /// Refuses upstream's `--control-port` with what to use instead.
     pub fn check(&self) -> Result<(), String> {
         match self.control_port {
             Some(port) => Err(format!(

@@ -42,7 +42,7 @@ pub struct UnknownProofKind(pub String);
 impl FromStr for ProofKind {
     type Err = UnknownProofKind;
 
-    /// Case-insensitive, so the seed's `Transaction` (as in its status JSON) is accepted too.
+    /// Case-insensitive, so upstream's `Transaction` (as in its status JSON) is accepted too.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         ProofKind::ALL
             .into_iter()

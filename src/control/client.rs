@@ -41,6 +41,7 @@ pub struct CtlCli {
 pub enum CtlCommand {
     /// Add workers (host:port); each takes requests once a health check passes. Workers added
     /// here stay across reloads; the configuration file's list is reconciled around them.
+    #[command(visible_alias = "add-workers")]
     AddWorker {
         /// Worker addresses, host:port.
         #[arg(required = true, value_name = "ADDR")]
@@ -48,6 +49,7 @@ pub enum CtlCommand {
     },
     /// Remove workers; a request running on one finishes first. A worker from the
     /// configuration file comes back on the next reload unless the file drops it too.
+    #[command(visible_alias = "remove-workers")]
     RemoveWorker {
         /// Worker addresses, host:port, as `minedctl workers` shows them.
         #[arg(required = true, value_name = "ADDR")]

@@ -605,7 +605,7 @@ impl Proxy {
         }
     }
 
-    /// The seed's JSON status, plus busy/served/queue figures an operator wants.
+    /// Upstream's JSON status, plus busy/served/queue figures an operator wants.
     pub fn status_json(&self) -> serde_json::Value {
         let (queued, max_queue) = self.pool.queue();
         let workers: Vec<serde_json::Value> = self

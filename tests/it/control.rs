@@ -129,23 +129,34 @@ async fn minedctl_adds_lists_and_removes_workers_and_an_added_worker_serves() {
         serde_json::from_str(&stdout(&ctl(&socket, &["status", "--json"]))).expect("status --json");
     assert_eq!(json["workers"][0]["address"], b.as_str());
 
-    // The seed's command goes over the same socket.
-    let mut seed = Command::new(crate::support::bin());
-    clean_env(&mut seed);
-    let output = seed
-        .args(["add-workers", "--socket"])
-        .arg(&socket)
-        .arg(&a)
-        .output()
-        .expect("run add-workers");
-    assert!(output.status.success(), "{}", stderr(&output));
+    // Upstream's commands go over the same socket, in both its spellings (its usage line says
+    // `add-worker`, its examples `add-workers`); minedctl takes the plural too.
+    let upstream = |command: &str, worker: &str| {
+        let mut upstream = Command::new(crate::support::bin());
+        clean_env(&mut upstream);
+        let output = upstream
+            .args([command, "--socket"])
+            .arg(&socket)
+            .arg(worker)
+            .output()
+            .expect("run upstream's command");
+        assert!(output.status.success(), "{command}: {}", stderr(&output));
+    };
+    upstream("add-workers", &a);
     assert_eq!(worker_set(&socket), pairs(&[(&a, "runtime"), (&b, "runtime")]));
-    let old = seed_control_port(&socket);
+    upstream("remove-worker", &a);
+    assert_eq!(worker_set(&socket), pairs(&[(&b, "runtime")]));
+    upstream("add-worker", &a);
+    assert!(ctl(&socket, &["remove-workers", &a]).status.success());
+    assert_eq!(worker_set(&socket), pairs(&[(&b, "runtime")]));
+    assert!(ctl(&socket, &["add-workers", &a]).status.success());
+    assert_eq!(worker_set(&socket), pairs(&[(&a, "runtime"), (&b, "runtime")]));
+    let old = upstream_control_port(&socket);
     assert_eq!(old.status.code(), Some(2));
     assert!(stderr(&old).contains("root-only Unix socket"), "{}", stderr(&old));
 }
 
-fn seed_control_port(socket: &Path) -> Output {
+fn upstream_control_port(socket: &Path) -> Output {
     let mut command = Command::new(crate::support::bin());
     clean_env(&mut command);
     command
