@@ -17,7 +17,7 @@
 //!
 //! ```sh
 //! cargo build --locked --examples
-//! scripts/build-fast.sh --examples && MPS_TARGET_CPU=native scripts/build-fast.sh --examples
+//! scripts/build-fast.sh --examples && MPSDEV_TARGET_CPU=native scripts/build-fast.sh --examples
 //! target/debug/examples/prove_file bench 5 target/tx.inputs target/debug/examples/prove_file \
 //!     target/x86-64-v3/debug/examples/prove_file target/native/debug/examples/prove_file
 //! ```

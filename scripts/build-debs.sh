@@ -7,7 +7,7 @@
 #                                user, minedctl, monitoring files
 #
 #   scripts/build-debs.sh                     release builds (two full builds: generic and x86-64-v3)
-#   MPS_DEB_PROFILE=dev scripts/build-debs.sh the dev-profile builds the tests ran (.ci/run)
+#   MPSDEV_DEB_PROFILE=dev scripts/build-debs.sh the dev-profile builds the tests ran (.ci/run)
 #
 # Needs cargo-deb (`cargo install cargo-deb --locked`). The binaries are built here and staged in
 # target/deb-staging (stripped; man pages gzipped), then `cargo deb --no-build` packages the three
@@ -15,12 +15,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-profile=${MPS_DEB_PROFILE:-release}
+profile=${MPSDEV_DEB_PROFILE:-release}
 case $profile in
 release) generic=(--release --bins --example gen_assets) fast=(--release --bins) out=release ;;
 # The same target selection as .ci/run's builds, so that nothing is rebuilt with other features.
 dev) generic=(--bins --examples) fast=(--bins) out=debug ;;
-*) echo "build-debs: MPS_DEB_PROFILE is release or dev, not '$profile'" >&2; exit 2 ;;
+*) echo "build-debs: MPSDEV_DEB_PROFILE is release or dev, not '$profile'" >&2; exit 2 ;;
 esac
 if ! cargo deb --version >/dev/null 2>&1; then
     echo "build-debs: cargo-deb is missing: cargo install cargo-deb --locked" >&2
@@ -39,7 +39,7 @@ if [ "$pins" != 2 ]; then
 fi
 
 cargo build --locked "${generic[@]}"
-MPS_TARGET_CPU=x86-64-v3 scripts/build-fast.sh "${fast[@]}"
+MPSDEV_TARGET_CPU=x86-64-v3 scripts/build-fast.sh "${fast[@]}"
 
 stage=target/deb-staging
 rm -rf "$stage"

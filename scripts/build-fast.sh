@@ -7,8 +7,8 @@
 #
 #   scripts/build-fast.sh --release         → target/x86-64-v3/release/miden-proving-service
 #   scripts/build-fast.sh --bins            → target/x86-64-v3/debug/… (the tests' profile)
-#   MPS_TARGET_CPU=x86-64-v4 scripts/build-fast.sh --release → the AVX-512 build (+8 % here)
-#   MPS_TARGET_CPU=native scripts/build-fast.sh --release    → target/native/release/… (this CPU only)
+#   MPSDEV_TARGET_CPU=x86-64-v4 scripts/build-fast.sh --release → the AVX-512 build (+8 % here)
+#   MPSDEV_TARGET_CPU=native scripts/build-fast.sh --release    → target/native/release/… (this CPU only)
 #
 # Why a script: miden-crypto 0.18.5 (the newest 0.18.x, which the Miden 0.12 line needs) has an
 # AVX2 (and AVX-512) code path for its RPO hash that does not compile: three transmutes per path
@@ -22,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cpu=${MPS_TARGET_CPU:-x86-64-v3}
+cpu=${MPSDEV_TARGET_CPU:-x86-64-v3}
 work=$PWD/target/fast-build
 vendor=$work/vendor
 crate=miden-crypto-0.18.5

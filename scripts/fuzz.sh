@@ -4,7 +4,7 @@
 # after another (default: all three). Seeds are real MockChain payloads (the ignored test
 # hostile::write_fuzz_seeds);
 # the corpus grows in target/fuzz-corpus. Prints, per target, executions, coverage and findings;
-# MPS_FUZZ_RUNS=N ends a target after N executions instead, when that comes first. Exits 1
+# MPSDEV_FUZZ_RUNS=N ends a target after N executions instead, when that comes first. Exits 1
 # when any target found a crash, an abort, a leak, an allocation over the limit or a
 # hang (saved in fuzz/artifacts/TARGET, to become a regression test).
 set -euo pipefail
@@ -20,7 +20,7 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 
 seeds=$PWD/target/fuzz-seeds
 if [ ! -d "$seeds/decode_block" ]; then
-    MPS_FUZZ_SEEDS=$seeds cargo test --locked --test it -- --ignored --exact hostile::write_fuzz_seeds
+    MPSDEV_FUZZ_SEEDS=$seeds cargo test --locked --test it -- --ignored --exact hostile::write_fuzz_seeds
 fi
 
 # One instrumented build of all targets (release: the Miden stack at full speed, as in the
@@ -43,7 +43,7 @@ for target in "${targets[@]}"; do
     status=0
     (cd fuzz && cargo +nightly fuzz run -O --no-cfg-fuzzing "$target" \
         "../$corpus" "$seeds/$target" "../tests/fixtures/fuzz/$target" -- \
-        -max_total_time="$seconds" ${MPS_FUZZ_RUNS:+-runs=$MPS_FUZZ_RUNS} -rss_limit_mb=2048 -malloc_limit_mb=4096 -timeout=10 \
+        -max_total_time="$seconds" ${MPSDEV_FUZZ_RUNS:+-runs=$MPSDEV_FUZZ_RUNS} -rss_limit_mb=2048 -malloc_limit_mb=4096 -timeout=10 \
         -max_len=1048576 -print_final_stats=1 -close_fd_mask=1) >"$log" 2>&1 || status=$?
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
     cov=$(grep -oE '(cov|ft): [0-9]+' "$log" | tail -2 | tr '\n' ' ' || true)

@@ -1,8 +1,8 @@
 //! The fast (x86-64-v3) build against the generic one. These tests need that build, so they are
 //! ignored by a plain `cargo test`; `.ci/run` makes it with `scripts/build-fast.sh --bins` (what
-//! the packages carry) and runs them with `MPS_FAST_DIR=target/x86-64-v3/debug … --include-ignored`
-//! (and every worker test against it with `MPS_TEST_BIN`). The build's name is the directory's:
-//! `MPS_TARGET_CPU=x86-64-v4` gives `target/x86-64-v4/debug`, tested the same way.
+//! the packages carry) and runs them with `MPSDEV_FAST_DIR=target/x86-64-v3/debug … --include-ignored`
+//! (and every worker test against it with `MPSDEV_TEST_BIN`). The build's name is the directory's:
+//! `MPSDEV_TARGET_CPU=x86-64-v4` gives `target/x86-64-v4/debug`, tested the same way.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -18,13 +18,13 @@ use crate::support::Launch;
 use crate::support::fixtures::sample_transactions;
 
 fn fast_dir() -> PathBuf {
-    PathBuf::from(std::env::var_os("MPS_FAST_DIR").expect(
-        "MPS_FAST_DIR names the fast build's directory (scripts/build-fast.sh --bins → \
+    PathBuf::from(std::env::var_os("MPSDEV_FAST_DIR").expect(
+        "MPSDEV_FAST_DIR names the fast build's directory (scripts/build-fast.sh --bins → \
          target/x86-64-v3/debug)",
     ))
 }
 
-/// The generic build of this checkout: `bin()` follows `MPS_TEST_BIN`, which `.ci/run` points at
+/// The generic build of this checkout: `bin()` follows `MPSDEV_TEST_BIN`, which `.ci/run` points at
 /// the fast build for the worker tests.
 fn generic_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_miden-proving-service"))
@@ -38,7 +38,7 @@ fn fast_build() -> String {
 }
 
 #[tokio::test]
-#[ignore = "needs the fast build: scripts/build-fast.sh --bins, MPS_FAST_DIR"]
+#[ignore = "needs the fast build: scripts/build-fast.sh --bins, MPSDEV_FAST_DIR"]
 async fn the_fast_and_the_generic_build_verify_each_others_proofs() {
     let fast = fast_dir();
     let build = fast_build();
@@ -87,7 +87,7 @@ async fn the_fast_and_the_generic_build_verify_each_others_proofs() {
 }
 
 #[test]
-#[ignore = "needs the fast build and qemu-user: scripts/build-fast.sh --bins, MPS_FAST_DIR"]
+#[ignore = "needs the fast build and qemu-user: scripts/build-fast.sh --bins, MPSDEV_FAST_DIR"]
 fn on_a_cpu_without_avx2_the_fast_build_refuses_to_start_naming_what_is_missing() {
     let fast = fast_dir().join("miden-proving-service");
     let build = fast_build();
@@ -142,11 +142,11 @@ fn on_a_cpu_without_avx2_the_fast_build_refuses_to_start_naming_what_is_missing(
 /// `lib/miden-proving-service/miden-proving-service.x86-64-v3`. The generic binary hands over
 /// to the fast one where the CPU runs it, and stays itself where not, or when told to.
 #[test]
-#[ignore = "needs the x86-64-v3 build and qemu-user: scripts/build-fast.sh --bins, MPS_FAST_DIR"]
+#[ignore = "needs the x86-64-v3 build and qemu-user: scripts/build-fast.sh --bins, MPSDEV_FAST_DIR"]
 fn the_generic_binary_starts_the_fast_build_where_the_cpu_runs_it() {
     if fast_build() != miden_proving_service::cpu::FAST_BUILD {
         eprintln!(
-            "skipped: the packages carry the {} build, MPS_FAST_DIR holds {}",
+            "skipped: the packages carry the {} build, MPSDEV_FAST_DIR holds {}",
             miden_proving_service::cpu::FAST_BUILD,
             fast_build()
         );

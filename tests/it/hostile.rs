@@ -286,12 +286,12 @@ async fn distinct_large_account_code_leaves_the_worker_rss_flat() {
     assert!(last <= first + 8 * 1024, "worker RSS grew from {first} KiB to {last} KiB: {rss:?}");
 }
 
-/// Writes the fuzz campaigns' seed corpus to `$MPS_FUZZ_SEEDS` (`scripts/fuzz.sh` runs it): real
+/// Writes the fuzz campaigns' seed corpus to `$MPSDEV_FUZZ_SEEDS` (`scripts/fuzz.sh` runs it): real
 /// payloads made with `MockChain` (two transactions, a batch of one proven transaction, a block
 /// of that batch), the hostile ones above (an inflated length, self-referencing and looping
 /// account code) and each real batch and block with its first length inflated.
 #[tokio::test]
-#[ignore = "writes the fuzz seed corpus; scripts/fuzz.sh runs it with MPS_FUZZ_SEEDS=DIR"]
+#[ignore = "writes the fuzz seed corpus; scripts/fuzz.sh runs it with MPSDEV_FUZZ_SEEDS=DIR"]
 async fn write_fuzz_seeds() {
     fn write(dir: &std::path::Path, target: &str, name: &str, bytes: &[u8]) {
         let dir = dir.join(target);
@@ -299,7 +299,8 @@ async fn write_fuzz_seeds() {
         std::fs::write(dir.join(name), bytes).expect("write a seed");
         eprintln!("{target}/{name}: {} bytes", bytes.len());
     }
-    let dir = std::env::var_os("MPS_FUZZ_SEEDS").expect("MPS_FUZZ_SEEDS names the seed directory");
+    let dir =
+        std::env::var_os("MPSDEV_FUZZ_SEEDS").expect("MPSDEV_FUZZ_SEEDS names the seed directory");
     let dir = std::path::Path::new(&dir);
     let sample = sample_transactions(2).await.expect("sample transactions");
 

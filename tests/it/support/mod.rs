@@ -25,11 +25,11 @@ use nix::unistd::Pid;
 use tempfile::TempDir;
 use tonic::transport::Channel;
 
-/// The service binary under test: `MPS_TEST_BIN` when set (to run the tests against another
+/// The service binary under test: `MPSDEV_TEST_BIN` when set (to run the tests against another
 /// build, such as `scripts/build-fast.sh`'s); else cargo names it for tests, and examples find it
 /// beside themselves (`target/<profile>/examples/..` → `target/<profile>/miden-proving-service`).
 pub fn bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("MPS_TEST_BIN") {
+    if let Some(path) = std::env::var_os("MPSDEV_TEST_BIN") {
         return PathBuf::from(path);
     }
     if let Some(path) = option_env!("CARGO_BIN_EXE_miden-proving-service") {
