@@ -127,6 +127,9 @@ async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<
         let control = Control::new(Arc::clone(&proxy), reload_requests);
         tasks.spawn(control::socket::serve(listener, control, stopped.clone()));
     }
+    // READY=1 before the health checks start: its STATUS= (no worker checked yet) must not
+    // arrive after, and overwrite, the first checks' results that the reporter sends.
+    systemd::ready(&proxy.status_line());
     let checker = {
         let proxy = Arc::clone(&proxy);
         tokio::spawn(health::run(Arc::clone(proxy.pool()), proxy.kind(), move || {
@@ -135,7 +138,6 @@ async fn run(source: &ProxyConfigSource, mut settings: ProxySettings) -> Result<
     };
     let reporter = tokio::spawn(report_status(Arc::clone(&proxy)));
     let pruner = tokio::spawn(prune(Arc::clone(&proxy)));
-    systemd::ready(&proxy.status_line());
     if let Some(interval) = systemd::watchdog_interval() {
         systemd::spawn_watchdog(interval);
     }
