@@ -167,6 +167,28 @@ impl Drop for Leader {
     }
 }
 
+/// How a request got its proof, for its log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// Proved for it.
+    Proved,
+    /// It waited for an identical request's proof, running when it arrived.
+    Joined,
+    /// A kept proof of the same input.
+    Cached,
+}
+
+impl Served {
+    /// The name logs and metrics use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Served::Proved => "proved",
+            Served::Joined => "joined",
+            Served::Cached => "cached",
+        }
+    }
+}
+
 /// What a key finds.
 pub enum Found {
     /// A kept proof.

@@ -37,8 +37,9 @@ use self::pool::{AcquireError, Health, Origin, WorkerPool};
 use crate::ProofKind;
 use crate::config::{ClientBounds, ProxySettings};
 use crate::proto::{self, ProofType};
+use crate::share::{self, Served};
+use crate::telemetry;
 use crate::worker::BUSY_MESSAGE;
-use crate::{share, telemetry};
 
 /// Settings a reload may change while requests run.
 #[derive(Clone, Debug)]
@@ -655,27 +656,6 @@ impl Proxy {
             "misses": self.metrics.cache_misses.get(),
             "evictions": self.metrics.cache_evictions.get(),
         })
-    }
-}
-
-/// How a request was answered, for its log line.
-#[derive(Clone, Copy, Debug)]
-enum Served {
-    /// A worker proved it for this request.
-    Proved,
-    /// It waited for an identical request's proof.
-    Joined,
-    /// A kept proof of the same input.
-    Cached,
-}
-
-impl Served {
-    fn as_str(self) -> &'static str {
-        match self {
-            Served::Proved => "proved",
-            Served::Joined => "joined",
-            Served::Cached => "cached",
-        }
     }
 }
 

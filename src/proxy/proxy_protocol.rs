@@ -1,4 +1,4 @@
-//! The PROXY protocol (HAProxy's, versions 1 and 2): how an L4 load balancer that forwards a
+//! The PROXY protocol (`HAProxy`'s, versions 1 and 2): how an L4 load balancer that forwards a
 //! TCP connection names the client it came from, in a header before the connection's own bytes.
 //!
 //! With `proxy_protocol = true`, a connection from a `trusted_forwarders` address must begin with
@@ -103,14 +103,16 @@ fn parse_v2(bytes: &[u8]) -> Result<Parsed, &'static str> {
         return Ok(Parsed::Incomplete);
     }
     let addresses = &bytes[16..length];
+    // Command 0 is LOCAL, 1 PROXY; family 1 is IPv4, 2 IPv6 (others, such as Unix sockets, name
+    // no address the proxy could use).
     let header = match (bytes[12] & 0x0f, bytes[13] >> 4) {
-        (0, _) => Header::Local,
         (1, 1) => {
-            let [a, b, c, d, _, _, _, _, p, q, _, _, ..] = *addresses else {
+            if addresses.len() < 12 {
                 return Err("its version 2 header is too short for IPv4 addresses");
-            };
-            let ip = IpAddr::V4(Ipv4Addr::new(a, b, c, d));
-            Header::Forwarded(SocketAddr::new(ip, u16::from_be_bytes([p, q])))
+            }
+            let ip = Ipv4Addr::new(addresses[0], addresses[1], addresses[2], addresses[3]);
+            let port = u16::from_be_bytes([addresses[8], addresses[9]]);
+            Header::Forwarded(SocketAddr::new(IpAddr::V4(ip), port))
         }
         (1, 2) => {
             if addresses.len() < 36 {
@@ -121,7 +123,7 @@ fn parse_v2(bytes: &[u8]) -> Result<Parsed, &'static str> {
             let port = u16::from_be_bytes([addresses[32], addresses[33]]);
             Header::Forwarded(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), port))
         }
-        (1, _) => Header::Local,
+        (0 | 1, _) => Header::Local,
         _ => return Err("its version 2 header has an unknown command"),
     };
     Ok(Parsed::Complete(length, header))

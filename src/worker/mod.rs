@@ -32,7 +32,7 @@ use crate::process::error_chain;
 use crate::proto::api_server::{Api, ApiServer};
 use crate::proto::worker_status_api_server::{WorkerStatusApi, WorkerStatusApiServer};
 use crate::proto::{self, ProofType};
-use crate::share::{self, Found, Outcome};
+use crate::share::{self, Found, Outcome, Served};
 use crate::{ProofKind, systemd, telemetry};
 
 pub use crate::proto::MAX_MESSAGE_SIZE;
@@ -348,27 +348,6 @@ impl Worker {
 impl share::HoldsProofs for Worker {
     fn proofs(&self) -> &share::Proofs {
         &self.inner.proofs
-    }
-}
-
-/// How a request got its proof.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Served {
-    /// Proved for it.
-    Proved,
-    /// An identical request's proof, running when it arrived.
-    Joined,
-    /// A kept proof.
-    Cached,
-}
-
-impl Served {
-    fn as_str(self) -> &'static str {
-        match self {
-            Served::Proved => "proved",
-            Served::Joined => "joined",
-            Served::Cached => "cached",
-        }
     }
 }
 
