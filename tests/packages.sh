@@ -188,6 +188,24 @@ assert start and start[-1]["PRIORITY"] == "6" and "BUILD" in start[-1], start
 print("proof done:", " ".join(k + "=" + e[k][:20] for k in ("PRIORITY", "OUTCOME", "PROOF_TYPE", "DURATION_MS", "SUBJECT")))
 '; then pass "journal fields"; else fail "journal fields"; fi
 
+say "the worker keeps its last proofs: the same input again is answered without proving"
+since=$(in_ct date '+%Y-%m-%d %H:%M:%S')
+if out=$(in_ct "$client" remote http://127.0.0.1:50051 "$inputs" 2>&1); then
+    pass "the same transaction straight to the worker: $out"
+else
+    fail "the same transaction straight to the worker: $out"
+fi
+kept() {
+    in_ct journalctl -u miden-prover --since "$since" --no-pager |
+        grep -q "answered with an identical request's proof"
+}
+wait_for 10 "the journal says it was answered with the kept proof" kept
+# The kept proof lives in the worker's memory: a restart empties it, so that the stop below
+# finds the same input being proved.
+in_ct systemctl restart miden-prover
+wait_for 30 "miden-prover idle after a restart" \
+    sh -c "tests/sysd-ct.sh exec $ct systemctl show -p StatusText --value miden-prover | grep -q '^idle'"
+
 say "systemctl stop miden-prover while it proves: the client gets its proof, no SIGKILL"
 since=$(in_ct date '+%Y-%m-%d %H:%M:%S')
 in_ct "$client" remote http://127.0.0.1:50051 "$inputs" >"$root/target/packages-test/stop.out" 2>&1 &
