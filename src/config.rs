@@ -173,9 +173,25 @@ impl WorkerSettings {
         let ip = if self.localhost { Ipv4Addr::LOCALHOST } else { Ipv4Addr::UNSPECIFIED };
         SocketAddr::new(IpAddr::V4(ip), self.port)
     }
+}
+
+/// Settings as a reload sees them: which changes need a restart, and how the rest are taken.
+pub trait Reloadable: Sized {
+    /// The log filter (`RUST_LOG` syntax), swapped by the reload itself.
+    fn log_filter(&mut self) -> &mut String;
+    /// Names the settings that differ in `new` and only take effect after a restart.
+    fn restart_only_changes(&self, new: &Self) -> Vec<&'static str>;
+    /// Takes the settings that change live from `new`, keeping those that need a restart.
+    fn apply_live(&mut self, new: Self);
+}
+
+impl Reloadable for WorkerSettings {
+    fn log_filter(&mut self) -> &mut String {
+        &mut self.log_filter
+    }
 
     /// Names the settings that differ from `other` and only take effect after a restart.
-    pub fn restart_only_changes(&self, other: &WorkerSettings) -> Vec<&'static str> {
+    fn restart_only_changes(&self, other: &WorkerSettings) -> Vec<&'static str> {
         let mut changed = Vec::new();
         if self.port != other.port {
             changed.push("port");
@@ -198,6 +214,18 @@ impl WorkerSettings {
             }
         }
         changed
+    }
+
+    /// Takes the settings that change live from `new` (log filter, grace period, prover limits,
+    /// proof cache), keeping those that need a restart.
+    fn apply_live(&mut self, new: WorkerSettings) {
+        *self = WorkerSettings {
+            port: self.port,
+            localhost: self.localhost,
+            prover_type: self.prover_type,
+            bounds: self.bounds,
+            ..new
+        };
     }
 }
 
@@ -521,6 +549,43 @@ pub struct ProxySettings {
     /// Where the workers added at run time are kept across restarts; `None` (set to "") forgets
     /// them at every stop.
     pub state_file: Option<PathBuf>,
+}
+
+impl Reloadable for ProxySettings {
+    fn log_filter(&mut self) -> &mut String {
+        &mut self.log_filter
+    }
+
+    fn restart_only_changes(&self, new: &ProxySettings) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        for (name, differs) in [
+            ("bind_address", self.bind_address != new.bind_address),
+            ("port", self.port != new.port),
+            ("status_bind_address", self.status_bind_address != new.status_bind_address),
+            ("status_port", self.status_port != new.status_port),
+            ("metrics_port", self.metrics_port != new.metrics_port),
+            ("prover_type", self.prover_type != new.prover_type),
+            ("control_socket", self.control_socket != new.control_socket),
+            ("state_file", self.state_file != new.state_file),
+        ] {
+            if differs {
+                changed.push(name);
+            }
+        }
+        changed
+    }
+
+    fn apply_live(&mut self, new: ProxySettings) {
+        let kept = std::mem::replace(self, new);
+        self.prover_type = kept.prover_type;
+        self.bind_address = kept.bind_address;
+        self.status_bind_address = kept.status_bind_address;
+        self.port = kept.port;
+        self.status_port = kept.status_port;
+        self.metrics_port = kept.metrics_port;
+        self.control_socket = kept.control_socket;
+        self.state_file = kept.state_file;
+    }
 }
 
 /// Values given on the command line; `None` leaves the lower layers in force.

@@ -2,7 +2,7 @@
 //!
 //! How a request flows through the worker:
 //! `bin/miden-proving-service` parses flags ([`cli`]) and loads layered settings ([`config`]) →
-//! [`worker::daemon`] starts logging ([`telemetry`]), binds, reports readiness ([`systemd`]) and
+//! [`daemon`] starts logging ([`telemetry`]), binds, reports readiness ([`systemd`]) and
 //! handles signals → [`worker`] admits one `Prove` call at a time (from its headers) and hands it to
 //! a prover process of its own ([`worker::job`]) → [`prover`], the only module that names Miden
 //! types, decodes the payload (through a reader that refuses impossible lengths) and proves it.
@@ -18,8 +18,8 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod cpu;
+pub mod daemon;
 mod kind;
-pub mod process;
 pub mod proto;
 pub mod prover;
 pub mod proxy;

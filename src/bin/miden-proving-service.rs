@@ -6,13 +6,13 @@ use std::process::ExitCode;
 use clap::Parser;
 use miden_proving_service::cli::{Cli, Command, ControlArgs};
 use miden_proving_service::control::client::{self, CtlCommand};
-use miden_proving_service::{proxy, worker};
+use miden_proving_service::{daemon, worker};
 
 fn main() -> ExitCode {
     miden_proving_service::cpu::exec_fast_build_if_it_runs_here();
     match Cli::parse().command {
-        Command::StartWorker(args) => worker::daemon::main(&args.config_source()),
-        Command::StartProxy(args) => proxy::daemon::main(&args.config_source()),
+        Command::StartWorker(args) => daemon::worker::main(&args.config_source()),
+        Command::StartProxy(args) => daemon::proxy::main(&args.config_source()),
         Command::AddWorkers(args) => control(args, |workers| CtlCommand::AddWorker { workers }),
         Command::RemoveWorkers(args) => {
             control(args, |workers| CtlCommand::RemoveWorker { workers })

@@ -12,7 +12,6 @@
 //! checks workers in the background; [`metrics`] counts.
 
 pub mod bounds;
-pub mod daemon;
 pub mod forward;
 pub mod front;
 pub mod health;

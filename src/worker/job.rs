@@ -32,11 +32,11 @@ use std::time::Duration;
 
 use nix::sys::signal::{SigSet, Signal};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 
 use crate::ProofKind;
 use crate::config::Limits;
-use crate::process::error_chain;
+use crate::daemon::error_chain;
 use crate::prover::{ProveError, Prover};
 
 /// Stack of the thread that proves. The VM executes nested MAST nodes by recursion on it; 2 MiB
@@ -350,11 +350,7 @@ impl ProverProcesses {
     ) -> Result<Vec<u8>, JobError> {
         let limits = self.limits();
         let Spawned { mut child } = self.take().map_err(JobError::Start)?;
-        let (Some(mut stdin), Some(mut stdout), Some(stderr)) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
-            return Err(JobError::Start(std::io::Error::other("a pipe is missing")));
-        };
+        let (mut stdin, mut stdout, stderr) = pipes(&mut child)?;
         let mut reaper =
             Reaper { child: Some(child), hold: Some(hold), reaping: Arc::clone(&self.reaping) };
         let last_words = tokio::spawn(tail(stderr));
@@ -404,6 +400,14 @@ impl ProverProcesses {
         drop(reaper.hold.take());
         drop(reaper);
         answer
+    }
+}
+
+/// The prover process's standard streams, taken out of `child`.
+fn pipes(child: &mut Child) -> Result<(ChildStdin, ChildStdout, ChildStderr), JobError> {
+    match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
+        (Some(stdin), Some(stdout), Some(stderr)) => Ok((stdin, stdout, stderr)),
+        _ => Err(JobError::Start(std::io::Error::other("a pipe is missing"))),
     }
 }
 

@@ -10,7 +10,6 @@
 //!
 //! Errors reach the wire in exactly one place, [`WorkerError::into_status`].
 
-pub mod daemon;
 pub mod job;
 pub mod transport;
 
@@ -28,7 +27,7 @@ use tracing::{Instrument, Span, field, info, info_span, warn};
 use self::job::{JobError, ProverProcesses};
 use self::transport::{Admission, Admitted};
 use crate::config::{Bounds, Limits};
-use crate::process::error_chain;
+use crate::daemon::error_chain;
 use crate::proto::api_server::{Api, ApiServer};
 use crate::proto::worker_status_api_server::{WorkerStatusApi, WorkerStatusApiServer};
 use crate::proto::{self, ProofType};
@@ -244,6 +243,22 @@ impl Worker {
         }
     }
 
+    /// Refuses a request of a proof type this worker does not serve, and any request once it is
+    /// shutting down.
+    fn check(&self, proof_type: i32) -> Result<(), WorkerError> {
+        let requested: ProofKind = ProofType::try_from(proof_type)
+            .map_err(|_| WorkerError::UnknownProofType(proof_type))?
+            .into();
+        Span::current().record("proof_type", requested.as_str());
+        if requested != self.kind() {
+            return Err(WorkerError::WrongProofType { requested, served: self.kind() });
+        }
+        if !self.inner.accepting.load(Ordering::SeqCst) {
+            return Err(WorkerError::ShuttingDown);
+        }
+        Ok(())
+    }
+
     /// Answers one request: with a kept proof, by joining the identical running proof, or by
     /// proving it in a prover process. `admitted` is what the call took when its headers arrived,
     /// if they were seen.
@@ -252,16 +267,7 @@ impl Worker {
         request: proto::ProofRequest,
         admitted: Option<Admitted>,
     ) -> Result<(Bytes, Served), Refusal> {
-        let requested: ProofKind = ProofType::try_from(request.proof_type)
-            .map_err(|_| WorkerError::UnknownProofType(request.proof_type))?
-            .into();
-        Span::current().record("proof_type", requested.as_str());
-        if requested != self.kind() {
-            return Err(WorkerError::WrongProofType { requested, served: self.kind() }.into());
-        }
-        if !self.inner.accepting.load(Ordering::SeqCst) {
-            return Err(WorkerError::ShuttingDown.into());
-        }
+        self.check(request.proof_type)?;
         let key = share::digest(request.proof_type, &request.payload);
         let (mut slot, _joiner) = match admitted {
             Some(Admitted::Slot(slot)) => (Some(slot), None),
