@@ -3,7 +3,7 @@
 //! another, so its endpoint was always empty). Names follow Prometheus conventions; the README
 //! maps upstream's names onto them.
 
-use std::fmt::Write as _;
+use std::fmt::{Display, Write as _};
 
 use prometheus::core::Collector;
 use prometheus::proto::MetricFamily;
@@ -66,129 +66,73 @@ pub struct Metrics {
     pub cache_bytes: IntGauge,
 }
 
+/// A metric's name and help text, as a scrape shows them.
+type Def = (&'static str, &'static str);
+
+// The proxy's own metrics, in the order of `Metrics`' fields (a scrape lists them by name).
+const QUEUE_SIZE: Def = ("mps_proxy_queue_size", "Requests waiting for a worker");
+const QUEUE_WAIT: Def = ("mps_proxy_queue_wait_seconds", "Time requests waited for a free worker");
+const QUEUE_DROPS: Def =
+    ("mps_proxy_queue_drops_total", "Requests refused because the queue was full");
+const WORKERS: Def = ("mps_proxy_workers", "Workers known to the proxy");
+const WORKERS_HEALTHY: Def = ("mps_proxy_workers_healthy", "Healthy workers");
+const WORKERS_UNHEALTHY: Def = ("mps_proxy_workers_unhealthy", "Unhealthy workers");
+const WORKERS_BUSY: Def = ("mps_proxy_workers_busy", "Workers running a request of this proxy");
+const WORKER_REQUESTS: Def = ("mps_proxy_worker_requests_total", "Attempts sent to each worker");
+const REQUESTS: Def =
+    ("mps_proxy_requests_total", "Finished requests by proof type and gRPC status code");
+const RETRIES: Def = ("mps_proxy_request_retries_total", "Attempts repeated on another worker");
+const REQUEST_DURATION: Def =
+    ("mps_proxy_request_duration_seconds", "Whole request duration, queue wait included");
+const RATE_LIMITED: Def =
+    ("mps_proxy_rate_limited_requests_total", "Requests refused by the per-client-IP rate limit");
+const POISON_REFUSED: Def = (
+    "mps_proxy_poison_refused_total",
+    "Requests refused without reaching a worker: their content took down two workers",
+);
+const CACHE_HITS: Def =
+    ("mps_proxy_proof_cache_hits_total", "Requests answered with a kept proof of the same input");
+const CACHE_JOINS: Def = (
+    "mps_proxy_proof_cache_joins_total",
+    "Requests that waited for the running proof of an identical request",
+);
+const CACHE_MISSES: Def =
+    ("mps_proxy_proof_cache_misses_total", "Requests whose input had no kept or running proof");
+const CACHE_EVICTIONS: Def = (
+    "mps_proxy_proof_cache_evictions_total",
+    "Kept proofs dropped for age (proof_cache_ttl) or room (proof_cache_size)",
+);
+const CACHE_PROOFS: Def = ("mps_proxy_proof_cache_proofs", "Proofs kept");
+const CACHE_BYTES: Def =
+    ("mps_proxy_proof_cache_bytes", "Bytes the kept proofs take, per-entry overhead included");
+
 impl Metrics {
     /// Creates and registers every metric.
-    // One definition per metric, each a few lines: splitting them would only scatter the list.
-    #[allow(clippy::too_many_lines)]
     pub fn new() -> Self {
         let registry = Registry::new();
-        let m = Metrics {
-            queue_size: IntGauge::new("mps_proxy_queue_size", "Requests waiting for a worker")
-                .expect("valid metric"),
-            queue_wait: Histogram::with_opts(
-                HistogramOpts::new(
-                    "mps_proxy_queue_wait_seconds",
-                    "Time requests waited for a free worker",
-                )
-                .buckets(BUCKETS.to_vec()),
-            )
-            .expect("valid metric"),
-            queue_drops: IntCounter::new(
-                "mps_proxy_queue_drops_total",
-                "Requests refused because the queue was full",
-            )
-            .expect("valid metric"),
-            workers: IntGauge::new("mps_proxy_workers", "Workers known to the proxy")
-                .expect("valid metric"),
-            workers_healthy: IntGauge::new("mps_proxy_workers_healthy", "Healthy workers")
-                .expect("valid metric"),
-            workers_unhealthy: IntGauge::new("mps_proxy_workers_unhealthy", "Unhealthy workers")
-                .expect("valid metric"),
-            workers_busy: IntGauge::new(
-                "mps_proxy_workers_busy",
-                "Workers running a request of this proxy",
-            )
-            .expect("valid metric"),
-            worker_requests: IntCounterVec::new(
-                Opts::new("mps_proxy_worker_requests_total", "Attempts sent to each worker"),
-                &["worker"],
-            )
-            .expect("valid metric"),
-            requests: IntCounterVec::new(
-                Opts::new(
-                    "mps_proxy_requests_total",
-                    "Finished requests by proof type and gRPC status code",
-                ),
-                &["proof_type", "code"],
-            )
-            .expect("valid metric"),
-            retries: IntCounter::new(
-                "mps_proxy_request_retries_total",
-                "Attempts repeated on another worker",
-            )
-            .expect("valid metric"),
-            request_duration: HistogramVec::new(
-                HistogramOpts::new(
-                    "mps_proxy_request_duration_seconds",
-                    "Whole request duration, queue wait included",
-                )
-                .buckets(BUCKETS.to_vec()),
-                &["proof_type"],
-            )
-            .expect("valid metric"),
-            rate_limited: IntCounter::new(
-                "mps_proxy_rate_limited_requests_total",
-                "Requests refused by the per-client-IP rate limit",
-            )
-            .expect("valid metric"),
-            poison_refused: IntCounter::new(
-                "mps_proxy_poison_refused_total",
-                "Requests refused without reaching a worker: their content took down two workers",
-            )
-            .expect("valid metric"),
-            cache_hits: IntCounter::new(
-                "mps_proxy_proof_cache_hits_total",
-                "Requests answered with a kept proof of the same input",
-            )
-            .expect("valid metric"),
-            cache_joins: IntCounter::new(
-                "mps_proxy_proof_cache_joins_total",
-                "Requests that waited for the running proof of an identical request",
-            )
-            .expect("valid metric"),
-            cache_misses: IntCounter::new(
-                "mps_proxy_proof_cache_misses_total",
-                "Requests whose input had no kept or running proof",
-            )
-            .expect("valid metric"),
-            cache_evictions: IntCounter::new(
-                "mps_proxy_proof_cache_evictions_total",
-                "Kept proofs dropped for age (proof_cache_ttl) or room (proof_cache_size)",
-            )
-            .expect("valid metric"),
-            cache_proofs: IntGauge::new("mps_proxy_proof_cache_proofs", "Proofs kept")
-                .expect("valid metric"),
-            cache_bytes: IntGauge::new(
-                "mps_proxy_proof_cache_bytes",
-                "Bytes the kept proofs take, per-entry overhead included",
-            )
-            .expect("valid metric"),
+        let add = Registrar(&registry);
+        Metrics {
+            queue_size: add.gauge(QUEUE_SIZE),
+            queue_wait: add.histogram(QUEUE_WAIT),
+            queue_drops: add.counter(QUEUE_DROPS),
+            workers: add.gauge(WORKERS),
+            workers_healthy: add.gauge(WORKERS_HEALTHY),
+            workers_unhealthy: add.gauge(WORKERS_UNHEALTHY),
+            workers_busy: add.gauge(WORKERS_BUSY),
+            worker_requests: add.counter_vec(WORKER_REQUESTS, &["worker"]),
+            requests: add.counter_vec(REQUESTS, &["proof_type", "code"]),
+            retries: add.counter(RETRIES),
+            request_duration: add.histogram_vec(REQUEST_DURATION, &["proof_type"]),
+            rate_limited: add.counter(RATE_LIMITED),
+            poison_refused: add.counter(POISON_REFUSED),
+            cache_hits: add.counter(CACHE_HITS),
+            cache_joins: add.counter(CACHE_JOINS),
+            cache_misses: add.counter(CACHE_MISSES),
+            cache_evictions: add.counter(CACHE_EVICTIONS),
+            cache_proofs: add.gauge(CACHE_PROOFS),
+            cache_bytes: add.gauge(CACHE_BYTES),
             registry,
-        };
-        for collector in [
-            Box::new(m.queue_size.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(m.queue_wait.clone()),
-            Box::new(m.queue_drops.clone()),
-            Box::new(m.workers.clone()),
-            Box::new(m.workers_healthy.clone()),
-            Box::new(m.workers_unhealthy.clone()),
-            Box::new(m.workers_busy.clone()),
-            Box::new(m.worker_requests.clone()),
-            Box::new(m.requests.clone()),
-            Box::new(m.retries.clone()),
-            Box::new(m.request_duration.clone()),
-            Box::new(m.rate_limited.clone()),
-            Box::new(m.poison_refused.clone()),
-            Box::new(m.cache_hits.clone()),
-            Box::new(m.cache_joins.clone()),
-            Box::new(m.cache_misses.clone()),
-            Box::new(m.cache_evictions.clone()),
-            Box::new(m.cache_proofs.clone()),
-            Box::new(m.cache_bytes.clone()),
-        ] {
-            m.registry.register(collector).expect("metric names are unique");
         }
-        m
     }
 
     /// Upstream's metric families (miden-remote-prover 0.12), derived from this proxy's, for the
@@ -196,98 +140,68 @@ impl Metrics {
     /// above. Same names, types and labels (`worker_id`); the histograms have this proxy's
     /// buckets, which reach 10 minutes. Not promtool-clean: upstream's counters lack `_total`.
     pub fn render_upstream(&self, workers: &[WorkerSnapshot]) -> String {
-        let mut out = String::new();
-        let (requests, failures) =
-            self.requests.collect().iter().flat_map(MetricFamily::get_metric).fold(
-                (0.0, 0.0),
-                |(all, failed), m| {
-                    let value = m.get_counter().get_value();
-                    let ok = m.get_label().iter().any(|l| l.name() == "code" && l.value() == "ok");
-                    (all + value, if ok { failed } else { failed + value })
-                },
-            );
-
-        sample(
-            &mut out,
-            "gauge",
-            "queue_size",
-            "Number of requests in the queue",
-            self.queue_size.get(),
-        );
-        histogram(
-            &mut out,
+        let (requests, failures) = self.request_totals();
+        let worker_requests = self.worker_requests.collect();
+        let mut text = Text::default();
+        text.gauge("queue_size", "Number of requests in the queue", self.queue_size.get());
+        text.histogram(
             "queue_latency",
             "Time (in seconds) requests spend in the queue",
             &self.queue_wait.collect(),
         );
-        sample(
-            &mut out,
-            "counter",
+        text.counter(
             "queue_drop_count",
             "Number of requests dropped due to a full queue",
             self.queue_drops.get(),
         );
-        sample(&mut out, "gauge", "worker_count", "Total number of workers", self.workers.get());
-        family(
-            &mut out,
+        text.gauge("worker_count", "Total number of workers", self.workers.get());
+        text.per_worker(
             "worker_unhealthy",
             "Number of times that each worker was registered as unhealthy",
-            "counter",
+            workers.iter().map(|w| (w.address.as_str(), w.times_unhealthy)),
         );
-        for worker in workers {
-            let _ = writeln!(
-                out,
-                "worker_unhealthy{{worker_id=\"{}\"}} {}",
-                escape(&worker.address),
-                worker.times_unhealthy
-            );
-        }
-        sample(&mut out, "gauge", "worker_busy", "Number of busy workers", self.workers_busy.get());
-        family(
-            &mut out,
+        text.gauge("worker_busy", "Number of busy workers", self.workers_busy.get());
+        text.per_worker(
             "worker_request_count",
             "Number of requests processed by each worker",
-            "counter",
+            worker_requests.iter().flat_map(MetricFamily::get_metric).map(|m| {
+                let worker = m.get_label().iter().find(|l| l.name() == "worker");
+                (worker.map_or("", |l| l.value()), m.get_counter().get_value())
+            }),
         );
-        for m in self.worker_requests.collect().iter().flat_map(MetricFamily::get_metric) {
-            let worker = m.get_label().iter().find(|l| l.name() == "worker");
-            let _ = writeln!(
-                out,
-                "worker_request_count{{worker_id=\"{}\"}} {}",
-                escape(worker.map_or("", |l| l.value())),
-                m.get_counter().get_value()
-            );
-        }
-        sample(&mut out, "counter", "request_failure_count", "Number of failed requests", failures);
-        sample(
-            &mut out,
-            "counter",
-            "request_retries",
-            "Number of request retries",
-            self.retries.get(),
-        );
-        sample(&mut out, "counter", "request_count", "Number of requests processed", requests);
-        histogram(
-            &mut out,
+        text.counter("request_failure_count", "Number of failed requests", failures);
+        text.counter("request_retries", "Number of request retries", self.retries.get());
+        text.counter("request_count", "Number of requests processed", requests);
+        text.histogram(
             "request_latency",
             "Time (in seconds) requests take to process",
             &self.request_duration.collect(),
         );
-        sample(
-            &mut out,
-            "counter",
+        // Both of upstream's rate-limit families count the same refusals here.
+        let rate_limited = self.rate_limited.get();
+        text.counter(
             "rate_limited_requests",
             "Number of requests blocked due to rate limiting",
-            self.rate_limited.get(),
+            rate_limited,
         );
-        sample(
-            &mut out,
-            "counter",
+        text.counter(
             "rate_limit_violations",
             "Number of rate limit violations by clients",
-            self.rate_limited.get(),
+            rate_limited,
         );
-        out
+        text.0
+    }
+
+    /// Finished requests, and those of them that failed (any code but `ok`), over every label.
+    fn request_totals(&self) -> (f64, f64) {
+        self.requests.collect().iter().flat_map(MetricFamily::get_metric).fold(
+            (0.0, 0.0),
+            |(all, failed), m| {
+                let value = m.get_counter().get_value();
+                let ok = m.get_label().iter().any(|l| l.name() == "code" && l.value() == "ok");
+                (all + value, if ok { failed } else { failed + value })
+            },
+        )
     }
 
     /// The Prometheus text exposition of every metric.
@@ -306,36 +220,101 @@ impl Default for Metrics {
     }
 }
 
-/// A family of one unlabelled sample.
-fn sample(out: &mut String, kind: &str, name: &str, help: &str, value: impl std::fmt::Display) {
-    family(out, name, help, kind);
-    let _ = writeln!(out, "{name} {value}");
+/// Makes each metric from its [`Def`] and registers it; the names are constants, so a failure
+/// is a bug caught by the first test that makes a `Metrics`.
+struct Registrar<'a>(&'a Registry);
+
+impl Registrar<'_> {
+    fn register<C: Collector + Clone + 'static>(&self, metric: prometheus::Result<C>) -> C {
+        let metric = metric.expect("valid metric");
+        self.0.register(Box::new(metric.clone())).expect("metric names are unique");
+        metric
+    }
+
+    fn gauge(&self, (name, help): Def) -> IntGauge {
+        self.register(IntGauge::new(name, help))
+    }
+
+    fn counter(&self, (name, help): Def) -> IntCounter {
+        self.register(IntCounter::new(name, help))
+    }
+
+    fn counter_vec(&self, (name, help): Def, labels: &[&str]) -> IntCounterVec {
+        self.register(IntCounterVec::new(Opts::new(name, help), labels))
+    }
+
+    fn histogram(&self, (name, help): Def) -> Histogram {
+        self.register(Histogram::with_opts(latency(name, help)))
+    }
+
+    fn histogram_vec(&self, (name, help): Def, labels: &[&str]) -> HistogramVec {
+        self.register(HistogramVec::new(latency(name, help), labels))
+    }
 }
 
-fn family(out: &mut String, name: &str, help: &str, kind: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// A latency histogram's options: [`BUCKETS`].
+fn latency(name: &str, help: &str) -> HistogramOpts {
+    HistogramOpts::new(name, help).buckets(BUCKETS.to_vec())
 }
 
-/// One histogram, the sum of every series of `families` (all have the same buckets).
-fn histogram(out: &mut String, name: &str, help: &str, families: &[MetricFamily]) {
-    let mut buckets: Vec<(f64, u64)> = BUCKETS.iter().map(|&bound| (bound, 0)).collect();
-    let (mut count, mut sum) = (0, 0.0);
-    for m in families.iter().flat_map(MetricFamily::get_metric) {
-        let h = m.get_histogram();
-        for (total, bucket) in buckets.iter_mut().zip(h.get_bucket()) {
-            total.1 += bucket.cumulative_count();
+/// Upstream's families in the text format, written by hand: they are derived at scrape time
+/// and never registered.
+#[derive(Default)]
+struct Text(String);
+
+impl Text {
+    fn gauge(&mut self, name: &str, help: &str, value: impl Display) {
+        self.sample(name, help, "gauge", value);
+    }
+
+    fn counter(&mut self, name: &str, help: &str, value: impl Display) {
+        self.sample(name, help, "counter", value);
+    }
+
+    /// A family of one unlabelled sample.
+    fn sample(&mut self, name: &str, help: &str, kind: &str, value: impl Display) {
+        self.family(name, help, kind);
+        let _ = writeln!(self.0, "{name} {value}");
+    }
+
+    /// A counter with one sample per worker, labelled `worker_id`.
+    fn per_worker<'a, V: Display>(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: impl Iterator<Item = (&'a str, V)>,
+    ) {
+        self.family(name, help, "counter");
+        for (worker, value) in samples {
+            let _ = writeln!(self.0, "{name}{{worker_id=\"{}\"}} {value}", escape(worker));
         }
-        count += h.get_sample_count();
-        sum += h.get_sample_sum();
     }
-    family(out, name, help, "histogram");
-    for (bound, cumulative) in buckets {
-        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+
+    /// One histogram, the sum of every series of `families` (all have the same buckets).
+    fn histogram(&mut self, name: &str, help: &str, families: &[MetricFamily]) {
+        let mut buckets: Vec<(f64, u64)> = BUCKETS.iter().map(|&bound| (bound, 0)).collect();
+        let (mut count, mut sum) = (0, 0.0);
+        for m in families.iter().flat_map(MetricFamily::get_metric) {
+            let h = m.get_histogram();
+            for (total, bucket) in buckets.iter_mut().zip(h.get_bucket()) {
+                total.1 += bucket.cumulative_count();
+            }
+            count += h.get_sample_count();
+            sum += h.get_sample_sum();
+        }
+        self.family(name, help, "histogram");
+        for (bound, cumulative) in buckets {
+            let _ = writeln!(self.0, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(
+            self.0,
+            "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
+        );
     }
-    let _ = writeln!(
-        out,
-        "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
-    );
+
+    fn family(&mut self, name: &str, help: &str, kind: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
 }
 
 /// A label value in the text format.
