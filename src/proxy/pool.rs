@@ -124,6 +124,11 @@ impl WorkerEntry {
         self.health == Health::Healthy && !self.busy && !self.removed
     }
 
+    /// This worker, to be handed to a request.
+    fn grant(&self) -> Grant {
+        Grant { worker: self.id, address: self.address.clone(), channel: self.channel.clone() }
+    }
+
     fn set_health(&mut self, health: Health) {
         if matches!(health, Health::Unhealthy { .. })
             && !matches!(self.health, Health::Unhealthy { .. })
@@ -157,6 +162,70 @@ struct State {
     closed: bool,
     /// Requests admitted (queued or running) and not yet finished, for the shutdown drain.
     in_flight: usize,
+}
+
+impl State {
+    /// The workers not removed (a removed worker stays only until its lease ends).
+    fn listed(&self) -> impl Iterator<Item = &WorkerEntry> {
+        self.workers.iter().filter(|w| !w.removed)
+    }
+
+    /// Refuses a request that waiting cannot help: there is no worker at all, or every worker
+    /// failed its last check (a worker that just failed a request is being re-checked: its
+    /// verdict is worth waiting for).
+    fn worth_waiting(&self) -> Result<(), AcquireError> {
+        if self.listed().next().is_none() {
+            return Err(AcquireError::NoWorkers);
+        }
+        if self.listed().any(|w| w.recheck_pending || !matches!(w.health, Health::Unhealthy { .. }))
+        {
+            return Ok(());
+        }
+        let failures: Vec<String> = self
+            .listed()
+            .map(|w| match &w.health {
+                Health::Unhealthy { reason, .. } => format!("{} ({reason})", w.address),
+                _ => w.address.clone(),
+            })
+            .collect();
+        Err(AcquireError::NoHealthyWorkers(failures.join(", ")))
+    }
+
+    /// The workers a request still avoids: a retry that has tried every worker may go back to
+    /// one of them (once it is free) rather than wait for a worker that does not exist.
+    fn still_excluded<'a>(&self, excluded: &'a [String]) -> &'a [String] {
+        if self.listed().all(|w| excluded.contains(&w.address)) { &[] } else { excluded }
+    }
+
+    /// Takes a healthy free worker not in `excluded`, if there is one.
+    fn take_free(&mut self, excluded: &[String]) -> Option<Grant> {
+        let worker =
+            self.workers.iter_mut().find(|w| w.usable() && !excluded.contains(&w.address))?;
+        worker.busy = true;
+        Some(worker.grant())
+    }
+
+    /// Queues a request: a new one at the back, if the queue has room; a retry at the front,
+    /// room or not. Returns the waiter's id and where its worker will arrive.
+    fn enqueue(
+        &mut self,
+        excluded: &[String],
+        retry: bool,
+    ) -> Result<(u64, oneshot::Receiver<Grant>), AcquireError> {
+        if !retry && self.waiters.len() >= self.max_queue {
+            return Err(AcquireError::QueueFull);
+        }
+        let (grant, receiver) = oneshot::channel();
+        let id = self.next_waiter;
+        self.next_waiter += 1;
+        let waiter = Waiter { id, excluded: excluded.to_vec(), grant };
+        if retry {
+            self.waiters.push_front(waiter);
+        } else {
+            self.waiters.push_back(waiter);
+        }
+        Ok((id, receiver))
+    }
 }
 
 /// How the proxy's connections to its workers behave; a reload that changes them makes each
@@ -348,66 +417,20 @@ impl WorkerPool {
     ) -> Result<Lease, AcquireError> {
         let (id, receiver) = {
             let mut state = self.lock();
-            if state.workers.iter().all(|w| w.removed) {
-                return Err(AcquireError::NoWorkers);
-            }
-            // Every worker failed its last check (a worker that just failed a request is being
-            // re-checked: wait for that verdict).
-            let listed = state.workers.iter().filter(|w| !w.removed);
-            if listed
-                .clone()
-                .all(|w| matches!(w.health, Health::Unhealthy { .. }) && !w.recheck_pending)
-            {
-                let failures: Vec<String> = listed
-                    .map(|w| match &w.health {
-                        Health::Unhealthy { reason, .. } => format!("{} ({reason})", w.address),
-                        _ => w.address.clone(),
-                    })
-                    .collect();
-                return Err(AcquireError::NoHealthyWorkers(failures.join(", ")));
-            }
-            // A retry that has tried every worker may go back to one of them (once it is free)
-            // rather than wait for a worker that does not exist.
-            let excluded = if state
-                .workers
-                .iter()
-                .filter(|w| !w.removed)
-                .all(|w| excluded.contains(&w.address))
-            {
-                &[][..]
-            } else {
-                excluded
-            };
+            state.worth_waiting()?;
+            let excluded = state.still_excluded(excluded);
+            // A new request does not overtake the queue; a retry is at its head anyway.
             if (state.waiters.is_empty() || retry)
-                && let Some(worker) =
-                    state.workers.iter_mut().find(|w| w.usable() && !excluded.contains(&w.address))
+                && let Some(grant) = state.take_free(excluded)
             {
-                worker.busy = true;
-                let lease = Lease {
-                    pool: Arc::clone(self),
-                    worker: worker.id,
-                    address: worker.address.clone(),
-                    channel: worker.channel.clone(),
-                };
                 drop(state);
                 self.notify();
-                return Ok(lease);
+                return Ok(self.lease(grant));
             }
-            if !retry && state.waiters.len() >= state.max_queue {
-                return Err(AcquireError::QueueFull);
-            }
-            let (grant, receiver) = oneshot::channel();
-            let id = state.next_waiter;
-            state.next_waiter += 1;
-            let waiter = Waiter { id, excluded: excluded.to_vec(), grant };
-            if retry {
-                state.waiters.push_front(waiter);
-            } else {
-                state.waiters.push_back(waiter);
-            }
+            let queued = state.enqueue(excluded, retry)?;
             // A free worker that the waiters ahead excluded may suit this one.
             dispatch(&mut state);
-            (id, receiver)
+            queued
         };
         self.notify();
         let mut waiting = Waiting { pool: Arc::clone(self), id, receiver: Some(receiver) };
@@ -418,12 +441,16 @@ impl WorkerPool {
             .await
             .map_err(|_| AcquireError::ShuttingDown)?;
         waiting.receiver = None;
-        Ok(Lease {
+        Ok(self.lease(grant))
+    }
+
+    fn lease(self: &Arc<Self>, grant: Grant) -> Lease {
+        Lease {
             pool: Arc::clone(self),
             worker: grant.worker,
             address: grant.address,
             channel: grant.channel,
-        })
+        }
     }
 
     /// Frees a worker and hands it to the first waiter that may use it.
@@ -625,12 +652,7 @@ fn dispatch(state: &mut State) {
             continue;
         };
         let waiter = state.waiters.remove(index).expect("index < len");
-        let grant = Grant {
-            worker: worker.id,
-            address: worker.address.clone(),
-            channel: worker.channel.clone(),
-        };
-        if waiter.grant.send(grant).is_ok() {
+        if waiter.grant.send(worker.grant()).is_ok() {
             worker.busy = true;
         }
         // A waiter whose client left is simply gone; the worker stays free for the next one.
