@@ -697,6 +697,9 @@ impl Drop for Waiting {
 
 #[cfg(test)]
 mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+
     use super::*;
 
     fn settings(connect_timeout: u64) -> ChannelSettings {
@@ -749,5 +752,299 @@ mod tests {
         }
         drop(lease);
         assert!(pool.renewals().iter().all(|(_, renewed, stale)| *renewed == 1 && !stale));
+    }
+
+    // From here on, one test per rule of the module header and of `acquire`. The pool's channels
+    // are lazy and nothing here sends on them, so no server need listen on these addresses.
+    // Time is paused: a timeout costs no wall time.
+    const A: &str = "127.0.0.1:1";
+    const B: &str = "127.0.0.1:2";
+    const C: &str = "127.0.0.1:3";
+
+    /// A pool whose `workers` have all passed a health check.
+    fn pool_of(max_queue: usize, workers: &[&str]) -> Arc<WorkerPool> {
+        let pool = WorkerPool::new(max_queue, 8, settings(10));
+        for &address in workers {
+            pool.add(address, Origin::Config).expect("add");
+            healthy(&pool, address);
+        }
+        pool
+    }
+
+    fn healthy(pool: &WorkerPool, address: &str) {
+        pool.set_health(address, Health::Healthy, None, Instant::now());
+    }
+
+    fn unhealthy(pool: &WorkerPool, address: &str, reason: &str) {
+        let health = Health::Unhealthy { failed_attempts: 1, reason: reason.to_owned() };
+        pool.set_health(address, health, None, Instant::now());
+    }
+
+    fn busy(pool: &WorkerPool, address: &str) -> bool {
+        pool.snapshot().iter().find(|w| w.address == address).expect("listed").busy
+    }
+
+    /// A request for a worker, polled by hand so a test decides when each one looks again.
+    type Acquiring<'a> = Pin<Box<dyn Future<Output = Result<Lease, AcquireError>> + 'a>>;
+
+    fn poll(acquiring: &mut Acquiring<'_>) -> Poll<Result<Lease, AcquireError>> {
+        acquiring.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    fn acquiring<'a>(
+        pool: &'a Arc<WorkerPool>,
+        excluded: &'a [String],
+        retry: bool,
+    ) -> Acquiring<'a> {
+        Box::pin(pool.acquire(excluded, retry))
+    }
+
+    /// A request that found no worker for it and is now in the queue.
+    fn waiter<'a>(pool: &'a Arc<WorkerPool>, excluded: &'a [String], retry: bool) -> Acquiring<'a> {
+        let mut acquiring = acquiring(pool, excluded, retry);
+        assert!(poll(&mut acquiring).is_pending(), "expected to wait, but was answered");
+        acquiring
+    }
+
+    /// The lease a request holds by now.
+    fn leased(acquiring: &mut Acquiring<'_>) -> Lease {
+        match poll(acquiring) {
+            Poll::Ready(Ok(lease)) => lease,
+            Poll::Ready(Err(err)) => panic!("refused: {err}"),
+            Poll::Pending => panic!("still waiting for a worker"),
+        }
+    }
+
+    /// A request that gets a worker at once.
+    fn lease_now(pool: &Arc<WorkerPool>, excluded: &[String], retry: bool) -> Lease {
+        leased(&mut acquiring(pool, excluded, retry))
+    }
+
+    fn refused(pool: &Arc<WorkerPool>, excluded: &[String], retry: bool) -> AcquireError {
+        match poll(&mut acquiring(pool, excluded, retry)) {
+            Poll::Ready(Err(err)) => err,
+            Poll::Ready(Ok(lease)) => panic!("leased {}", lease.address()),
+            Poll::Pending => panic!("queued"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_frees_its_worker_on_success_failure_and_timeout() {
+        let pool = pool_of(4, &[A]);
+        // Success: the request ends, its lease is dropped.
+        drop(lease_now(&pool, &[], false));
+        assert!(!busy(&pool, A));
+
+        // Failure: the worker is marked failed, then the lease goes; nobody gets the worker
+        // until a health check passes again.
+        let lease = lease_now(&pool, &[], false);
+        assert_eq!(pool.mark_failed(A, "connection reset".to_owned()), 1);
+        let mut next = waiter(&pool, &[], false);
+        drop(lease);
+        assert!(!busy(&pool, A));
+        assert!(poll(&mut next).is_pending(), "an unhealthy worker was handed out");
+        healthy(&pool, A);
+        let lease = leased(&mut next);
+
+        // Timeout (or client gone): the future holding the lease is dropped.
+        let running = async move {
+            let _lease = lease;
+            std::future::pending::<()>().await;
+        };
+        let started = tokio::time::Instant::now();
+        assert!(tokio::time::timeout(Duration::from_secs(600), running).await.is_err());
+        assert_eq!(started.elapsed(), Duration::from_secs(600));
+        assert!(!busy(&pool, A));
+        assert_eq!(pool.snapshot()[0].served, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_get_workers_first_come_first_served() {
+        let pool = pool_of(8, &[A]);
+        let lease = lease_now(&pool, &[], false);
+        let mut first = waiter(&pool, &[], false);
+        let mut second = waiter(&pool, &[], false);
+        let mut third = waiter(&pool, &[], false);
+        assert_eq!(pool.queue(), (3, 8));
+
+        drop(lease);
+        let lease = leased(&mut first);
+        assert!(poll(&mut second).is_pending() && poll(&mut third).is_pending());
+        drop(lease);
+        let lease = leased(&mut second);
+        assert!(poll(&mut third).is_pending());
+        drop(lease);
+        drop(leased(&mut third));
+        assert_eq!(pool.queue(), (0, 8));
+        assert!(!busy(&pool, A));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_refuses_new_requests_but_a_retry_joins_it_at_the_head() {
+        let pool = pool_of(1, &[A]);
+        let lease = lease_now(&pool, &[], false);
+        let mut queued = waiter(&pool, &[], false);
+        assert!(matches!(refused(&pool, &[], false), AcquireError::QueueFull));
+
+        // Admitted once already: a retry may exceed the bound, and goes first.
+        let mut retry = waiter(&pool, &[], true);
+        assert_eq!(pool.queue(), (2, 1));
+        drop(lease);
+        let lease = leased(&mut retry);
+        assert!(poll(&mut queued).is_pending());
+        drop(lease);
+        drop(leased(&mut queued));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_queue_wait_drops_the_waiter_from_the_queue() {
+        let pool = pool_of(4, &[A]);
+        let lease = lease_now(&pool, &[], false);
+        // The proxy bounds the wait with a timeout around `acquire` (`max_queue_wait`).
+        let started = tokio::time::Instant::now();
+        let waited = tokio::time::timeout(Duration::from_secs(30), pool.acquire(&[], false)).await;
+        assert!(waited.is_err(), "no worker was free: the wait must time out");
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        assert_eq!(pool.queue(), (0, 4));
+
+        // The worker freed later is not held for the request that left.
+        drop(lease);
+        assert!(!busy(&pool, A));
+        drop(lease_now(&pool, &[], false));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_gone_after_its_grant_hands_the_worker_to_the_next() {
+        let pool = pool_of(4, &[A]);
+        let lease = lease_now(&pool, &[], false);
+        let first = waiter(&pool, &[], false);
+        let mut second = waiter(&pool, &[], false);
+
+        // The worker is sent to `first`, whose client leaves before it looks.
+        drop(lease);
+        assert!(busy(&pool, A));
+        assert!(poll(&mut second).is_pending());
+        drop(first);
+        let lease = leased(&mut second);
+        assert_eq!(lease.address(), A);
+        assert_eq!(pool.queue(), (0, 4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_removed_while_busy_is_never_handed_out_again() {
+        let pool = pool_of(4, &[A]);
+        let lease = lease_now(&pool, &[], false);
+        let mut waiting = waiter(&pool, &[], false);
+        assert!(pool.remove(A));
+        assert!(pool.snapshot().is_empty() && !pool.remove(A));
+        assert!(matches!(refused(&pool, &[], false), AcquireError::NoWorkers));
+        // Its request ends: the worker goes, and the waiter does not get it.
+        drop(lease);
+        assert!(poll(&mut waiting).is_pending());
+        assert!(pool.snapshot().is_empty());
+
+        // The same address added again is a new worker: each lease frees only its own.
+        assert!(pool.add(A, Origin::Runtime).expect("add"));
+        healthy(&pool, A);
+        let old = leased(&mut waiting);
+        assert!(pool.remove(A));
+        assert!(pool.add(A, Origin::Runtime).expect("add again"));
+        healthy(&pool, A);
+        drop(lease_now(&pool, &[], false));
+        assert!(!busy(&pool, A), "the new worker's lease freed the removed one");
+        let new = lease_now(&pool, &[], false);
+        drop(old);
+        assert!(busy(&pool, A), "the removed worker's lease freed the new one");
+        assert_eq!(pool.snapshot().len(), 1);
+        drop(new);
+        assert!(!busy(&pool, A));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_goes_to_another_worker_and_back_only_when_it_tried_them_all() {
+        let pool = pool_of(4, &[A, B]);
+        let tried_a = [A.to_owned()];
+        // A is free and first, but the retry failed on it.
+        let on_b = lease_now(&pool, &tried_a, true);
+        assert_eq!(on_b.address(), B);
+        // B busy, A free: the retry waits for B rather than go back to A.
+        let mut retry = waiter(&pool, &tried_a, true);
+        assert!(!busy(&pool, A));
+        drop(on_b);
+        assert_eq!(leased(&mut retry).address(), B);
+
+        // Every worker tried: any free one will do.
+        let tried_both = [A.to_owned(), B.to_owned()];
+        assert_eq!(lease_now(&pool, &tried_both, true).address(), A);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_freed_worker_goes_to_the_first_waiter_that_may_use_it() {
+        let pool = pool_of(4, &[A, B]);
+        let on_a = lease_now(&pool, &[], false);
+        let on_b = lease_now(&pool, &[], false);
+        let tried_a = [A.to_owned()];
+        let mut retry = waiter(&pool, &tried_a, true);
+        let mut fresh = waiter(&pool, &[], false);
+        // A comes free: the retry ahead skips it, the request behind gets it.
+        drop(on_a);
+        assert_eq!(leased(&mut fresh).address(), A);
+        assert!(poll(&mut retry).is_pending());
+        drop(on_b);
+        assert_eq!(leased(&mut retry).address(), B);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unchecked_and_unhealthy_workers_are_skipped() {
+        let pool = WorkerPool::new(4, 8, settings(10));
+        assert!(matches!(refused(&pool, &[], false), AcquireError::NoWorkers));
+        for address in [A, B, C] {
+            pool.add(address, Origin::Config).expect("add");
+        }
+        unhealthy(&pool, B, "wrong proof type");
+        healthy(&pool, C);
+        let on_c = lease_now(&pool, &[], false);
+        assert_eq!(on_c.address(), C);
+        // A is not checked yet, B failed: wait rather than use either.
+        let mut waiting = waiter(&pool, &[], false);
+        drop(on_c);
+        let on_c = leased(&mut waiting);
+        assert_eq!(on_c.address(), C);
+
+        // A worker turning healthy goes to a waiter at once.
+        let mut waiting = waiter(&pool, &[], false);
+        healthy(&pool, A);
+        assert_eq!(leased(&mut waiting).address(), A);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_every_worker_failed_a_request_is_refused_unless_a_recheck_is_due() {
+        let pool = WorkerPool::new(4, 8, settings(10));
+        pool.add(A, Origin::Config).expect("add");
+        pool.add(B, Origin::Config).expect("add");
+        unhealthy(&pool, A, "refused");
+        unhealthy(&pool, B, "timed out");
+        let err = refused(&pool, &[], false);
+        assert!(matches!(&err, AcquireError::NoHealthyWorkers(_)), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("127.0.0.1:1 (refused)") && text.contains("127.0.0.1:2 (timed out)"));
+
+        // A worker that just failed a request is being re-checked: wait for the verdict.
+        pool.mark_failed(A, "reset mid-proof".to_owned());
+        let mut waiting = waiter(&pool, &[], false);
+        healthy(&pool, A);
+        assert_eq!(leased(&mut waiting).address(), A);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_pool_admits_nothing_new_and_counts_what_still_runs() {
+        let pool = pool_of(4, &[A]);
+        let admission = pool.admit().expect("open");
+        assert_eq!(pool.in_flight(), 1);
+        pool.close();
+        assert!(matches!(pool.admit(), Err(AcquireError::ShuttingDown)));
+        assert_eq!(pool.in_flight(), 1);
+        drop(admission);
+        assert_eq!(pool.in_flight(), 0);
     }
 }
