@@ -321,3 +321,60 @@ impl Text {
 fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::pool::{Health, Origin};
+
+    #[test]
+    fn upstream_families_keep_their_names_order_types_and_labels() {
+        let metrics = Metrics::new();
+        metrics.requests.with_label_values(&["transaction", "ok"]).inc_by(5);
+        metrics.requests.with_label_values(&["batch", "unavailable"]).inc_by(2);
+        metrics.worker_requests.with_label_values(&["a\"b"]).inc();
+        metrics.rate_limited.inc();
+        let worker = WorkerSnapshot {
+            address: "127.0.0.1:1".to_owned(),
+            version: String::new(),
+            health: Health::Healthy,
+            busy: false,
+            served: 0,
+            times_unhealthy: 2,
+            origin: Origin::Config,
+        };
+        let text = metrics.render_upstream(&[worker]);
+
+        // Dashboards built on upstream's proxy read these, in this order.
+        let families: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).collect();
+        assert_eq!(
+            families,
+            [
+                "queue_size gauge",
+                "queue_latency histogram",
+                "queue_drop_count counter",
+                "worker_count gauge",
+                "worker_unhealthy counter",
+                "worker_busy gauge",
+                "worker_request_count counter",
+                "request_failure_count counter",
+                "request_retries counter",
+                "request_count counter",
+                "request_latency histogram",
+                "rate_limited_requests counter",
+                "rate_limit_violations counter",
+            ]
+        );
+        for sample in [
+            r#"worker_unhealthy{worker_id="127.0.0.1:1"} 2"#,
+            r#"worker_request_count{worker_id="a\"b"} 1"#,
+            "request_count 7",
+            "request_failure_count 2",
+            r#"queue_latency_bucket{le="+Inf"} 0"#,
+            "rate_limited_requests 1",
+            "rate_limit_violations 1",
+        ] {
+            assert!(text.lines().any(|line| line == sample), "no `{sample}` in:\n{text}");
+        }
+    }
+}
