@@ -457,14 +457,8 @@ impl WorkerPool {
     fn release(&self, worker: u64) {
         let mut state = self.lock();
         if let Some(index) = state.workers.iter().position(|w| w.id == worker) {
-            let worker = &mut state.workers[index];
-            worker.busy = false;
-            worker.served += 1;
-            if worker.removed {
-                state.workers.remove(index);
-            } else {
-                renew_if_stale(worker, self.channel_settings());
-            }
+            state.workers[index].served += 1;
+            free(&mut state, index, self.channel_settings());
         }
         dispatch(&mut state);
         drop(state);
@@ -667,6 +661,17 @@ struct Waiting {
     receiver: Option<oneshot::Receiver<Grant>>,
 }
 
+/// Marks the worker at `index` free, or forgets it if it was removed while busy.
+fn free(state: &mut State, index: usize, channel_settings: ChannelSettings) {
+    let worker = &mut state.workers[index];
+    worker.busy = false;
+    if worker.removed {
+        state.workers.remove(index);
+    } else {
+        renew_if_stale(worker, channel_settings);
+    }
+}
+
 impl Drop for Waiting {
     fn drop(&mut self) {
         let Some(mut receiver) = self.receiver.take() else {
@@ -675,21 +680,18 @@ impl Drop for Waiting {
         let mut state = self.pool.lock();
         let before = state.waiters.len();
         state.waiters.retain(|w| w.id != self.id);
-        let left_queue = state.waiters.len() != before;
-        // Granted under the lock before we took it: give the worker back.
+        let mut changed = state.waiters.len() != before;
+        // Granted under the lock before we took it: give the worker back, and say so (the
+        // status reporter and a draining proxy wait for a free worker too).
         if let Ok(grant) = receiver.try_recv()
             && let Some(index) = state.workers.iter().position(|w| w.id == grant.worker)
         {
-            state.workers[index].busy = false;
-            if state.workers[index].removed {
-                state.workers.remove(index);
-            } else {
-                renew_if_stale(&mut state.workers[index], self.pool.channel_settings());
-            }
+            free(&mut state, index, self.pool.channel_settings());
             dispatch(&mut state);
+            changed = true;
         }
         drop(state);
-        if left_queue {
+        if changed {
             self.pool.notify();
         }
     }
@@ -928,6 +930,19 @@ mod tests {
         let lease = leased(&mut second);
         assert_eq!(lease.address(), A);
         assert_eq!(pool.queue(), (0, 4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_handed_back_by_a_gone_waiter_is_announced_free() {
+        let pool = pool_of(4, &[A]);
+        let lease = lease_now(&pool, &[], false);
+        let first = waiter(&pool, &[], false);
+        drop(lease);
+        let mut changed = pool.subscribe();
+        changed.mark_unchanged();
+        drop(first);
+        assert!(!busy(&pool, A));
+        assert!(changed.has_changed().expect("the pool is alive"), "no change was announced");
     }
 
     #[tokio::test(start_paused = true)]
