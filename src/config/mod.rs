@@ -53,6 +53,37 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Declares which settings take effect only after a restart, next to the settings themselves,
+/// and derives from that one list both `restart_only_changes` (what a reload cannot apply) and
+/// `apply_live` (what a reload does to the running settings). Every setting not listed is live.
+macro_rules! restart_only {
+    ($settings:ident { $($name:ident => $($field:ident).+),* $(,)? }) => {
+        impl $settings {
+            /// The settings a reload cannot change, by key, in the order reported.
+            pub const RESTART_ONLY: &[&str] = &[$(stringify!($name)),*];
+
+            /// Names the settings that differ in `new` and take effect only after a restart.
+            pub fn restart_only_changes(&self, new: &Self) -> Vec<&'static str> {
+                let mut changed = Vec::new();
+                $(
+                    if self.$($field).+ != new.$($field).+ {
+                        changed.push(stringify!($name));
+                    }
+                )*
+                changed
+            }
+
+            /// Takes every live setting from `new`; those of [`Self::RESTART_ONLY`] keep their
+            /// running values.
+            pub fn apply_live(&mut self, new: Self) {
+                let running = std::mem::replace(self, new);
+                $( self.$($field).+ = running.$($field).+; )*
+            }
+        }
+    };
+}
+pub(crate) use restart_only;
+
 /// Parses "16MiB", "8GiB", "512KiB", "1024B" or "1024" (binary units; `K`, `M`, `G` alone mean
 /// the same, since memory is counted in them).
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -401,6 +432,7 @@ mod documented {
         pub key: String,
         pub environment: String,
         pub default: String,
+        pub live: String,
     }
 
     /// The rows of the settings table under the README heading `### {heading}`.
@@ -419,6 +451,7 @@ mod documented {
                     key: key.to_owned(),
                     environment: cells[1].to_owned(),
                     default: cells[3].to_owned(),
+                    live: cells[4].to_owned(),
                 })
             })
             .collect()
@@ -447,9 +480,15 @@ mod documented {
         }
     }
 
-    /// The README table under `heading` names exactly the keys of `defaults`, each with its environment variable and its default; "no" in its last column exactly for
+    /// The README table under `heading` names exactly the keys of `defaults`, each with its
+    /// environment variable and its default, and says "no" under "live on reload" exactly for
     /// `restart_only`.
-    pub fn check_readme(heading: &str, env_prefix: &str, defaults: &impl Serialize) {
+    pub fn check_readme(
+        heading: &str,
+        env_prefix: &str,
+        defaults: &impl Serialize,
+        restart_only: &[&str],
+    ) {
         let defaults = default_values(defaults);
         let rows = readme_rows(heading);
         let mut documented: Vec<&str> = rows.iter().map(|row| row.key.as_str()).collect();
@@ -473,6 +512,8 @@ mod documented {
                     "README: the default of `{key}`"
                 ),
             }
+            let restart = restart_only.contains(&key.as_str());
+            assert_eq!(row.live == "no", restart, "README: whether `{key}` is live on reload");
         }
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use figment::providers::{Env, Serialized};
 use serde::{Deserialize, Serialize};
 
-use super::{Check, ConfigError, ConfigFile, Flags, bytes, known_keys, layered};
+use super::{Check, ConfigError, ConfigFile, Flags, bytes, known_keys, layered, restart_only};
 use crate::ProofKind;
 
 /// Where the proxy reads its file when `--config` is not given.
@@ -205,6 +205,19 @@ pub struct ProxySettings {
     /// them at every stop.
     pub state_file: Option<PathBuf>,
 }
+
+// The listeners, the proof type checked against every worker, the control socket and the state
+// file are set up once; everything else a reload changes.
+restart_only!(ProxySettings {
+    bind_address => bind_address,
+    port => port,
+    status_bind_address => status_bind_address,
+    status_port => status_port,
+    metrics_port => metrics_port,
+    prover_type => prover_type,
+    control_socket => control_socket,
+    state_file => state_file,
+});
 
 /// Everything needed to (re)load the proxy's configuration.
 #[derive(Clone, Debug)]
@@ -495,7 +508,12 @@ mod tests {
 
     #[test]
     fn the_readme_table_lists_every_key_its_default_and_whether_a_reload_applies_it() {
-        documented::check_readme("Proxy configuration", "MPS_", &PROXY_DEFAULTS);
+        documented::check_readme(
+            "Proxy configuration",
+            "MPS_",
+            &PROXY_DEFAULTS,
+            ProxySettings::RESTART_ONLY,
+        );
     }
 
     #[test]
@@ -525,6 +543,29 @@ mod tests {
             );
             assert!(text.contains("key `metrics_port`"), "{text}");
             assert!(text.contains("key `max_worker`: unknown key"), "{text}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_reload_applies_live_settings_and_names_the_others() {
+        Jail::expect_with(|jail| {
+            let running = proxy_source().load().expect("defaults are valid");
+            jail.create_file(
+                "proxy.toml",
+                "port = 1\nmetrics_port = 9090\nstate_file = \"\"\ntimeout = \"1s\"\n\
+                 workers = [\"10.0.0.1:1\"]\nmax_connections = 5\n",
+            )?;
+            let new = proxy_source().load().expect("valid");
+            assert_eq!(running.restart_only_changes(&new), ["port", "metrics_port", "state_file"]);
+            let mut applied = running.clone();
+            applied.apply_live(new);
+            assert_eq!((applied.port, applied.metrics_port), (8082, None));
+            assert_eq!(applied.state_file, running.state_file);
+            assert_eq!(applied.timeout, Duration::from_secs(1));
+            assert_eq!(applied.workers, ["10.0.0.1:1"]);
+            assert_eq!(applied.client_bounds.max_connections, 5);
+            assert!(applied.restart_only_changes(&running).is_empty());
             Ok(())
         });
     }

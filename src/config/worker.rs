@@ -7,7 +7,7 @@ use std::time::Duration;
 use figment::providers::{Env, Serialized};
 use serde::Serialize;
 
-use super::{Check, ConfigError, ConfigFile, Flags, bytes, known_keys, layered};
+use super::{Check, ConfigError, ConfigFile, Flags, bytes, known_keys, layered, restart_only};
 use crate::ProofKind;
 
 /// Where the worker reads its file when `--config` is not given.
@@ -116,37 +116,22 @@ pub struct WorkerSettings {
     pub proof_cache_ttl: Duration,
 }
 
+// The listener and the transport are built once; everything else a reload changes.
+restart_only!(WorkerSettings {
+    port => port,
+    localhost => localhost,
+    prover_type => prover_type,
+    max_request_size => bounds.max_request_size,
+    request_timeout => bounds.request_timeout,
+    handshake_timeout => bounds.handshake_timeout,
+    max_connections => bounds.max_connections,
+});
+
 impl WorkerSettings {
     /// The socket address the gRPC listener binds.
     pub fn listen_addr(&self) -> SocketAddr {
         let ip = if self.localhost { Ipv4Addr::LOCALHOST } else { Ipv4Addr::UNSPECIFIED };
         SocketAddr::new(IpAddr::V4(ip), self.port)
-    }
-
-    /// Names the settings that differ from `other` and only take effect after a restart.
-    pub fn restart_only_changes(&self, other: &WorkerSettings) -> Vec<&'static str> {
-        let mut changed = Vec::new();
-        if self.port != other.port {
-            changed.push("port");
-        }
-        if self.localhost != other.localhost {
-            changed.push("localhost");
-        }
-        if self.prover_type != other.prover_type {
-            changed.push("prover_type");
-        }
-        let (a, b) = (&self.bounds, &other.bounds);
-        for (name, differs) in [
-            ("max_request_size", a.max_request_size != b.max_request_size),
-            ("request_timeout", a.request_timeout != b.request_timeout),
-            ("handshake_timeout", a.handshake_timeout != b.handshake_timeout),
-            ("max_connections", a.max_connections != b.max_connections),
-        ] {
-            if differs {
-                changed.push(name);
-            }
-        }
-        changed
     }
 }
 
@@ -374,6 +359,32 @@ mod tests {
 
     #[test]
     fn the_readme_table_lists_every_key_its_default_and_whether_a_reload_applies_it() {
-        super::super::documented::check_readme("Configuration", "MPS_WORKER_", &WORKER_DEFAULTS);
+        super::super::documented::check_readme(
+            "Configuration",
+            "MPS_WORKER_",
+            &WORKER_DEFAULTS,
+            WorkerSettings::RESTART_ONLY,
+        );
+    }
+
+    #[test]
+    fn a_reload_applies_live_settings_and_names_the_others() {
+        Jail::expect_with(|jail| {
+            let running = source(flags(&[])).load().expect("defaults are valid");
+            jail.create_file(
+                "worker.toml",
+                "port = 1\nmax_connections = 2\ngrace_period = \"1s\"\nmax_proof_time = \"2s\"\n",
+            )?;
+            let new = source(flags(&[])).load().expect("valid");
+            assert_eq!(running.restart_only_changes(&new), ["port", "max_connections"]);
+            let mut applied = running.clone();
+            applied.apply_live(new);
+            assert_eq!(applied.port, running.port);
+            assert_eq!(applied.bounds, running.bounds);
+            assert_eq!(applied.grace_period, Duration::from_secs(1));
+            assert_eq!(applied.limits.max_proof_time, Duration::from_secs(2));
+            assert!(applied.restart_only_changes(&running).is_empty());
+            Ok(())
+        });
     }
 }
