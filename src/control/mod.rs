@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 use zvariant::Type;
 
-use crate::config::check_worker_address;
+use crate::config::{InvalidWorkerAddress, WorkerAddress};
 use crate::proxy::Proxy;
 use crate::proxy::pool::{AddError, Health, Origin};
 
@@ -81,13 +81,15 @@ impl Control {
     /// Adds workers at run time; returns each address with `true` when it was added and `false`
     /// when it was already present. A malformed address rejects the whole call.
     pub fn add_workers(&self, addresses: &[String]) -> Result<Vec<(String, bool)>, ControlError> {
-        for address in addresses {
-            check_worker_address(address).map_err(ControlError::InvalidAddress)?;
-        }
+        let addresses: Vec<WorkerAddress> = addresses
+            .iter()
+            .map(|address| address.parse())
+            .collect::<Result<_, InvalidWorkerAddress>>()
+            .map_err(|err| ControlError::InvalidAddress(err.to_string()))?;
         let pool = self.proxy.pool();
         let mut outcome = Vec::with_capacity(addresses.len());
         for address in addresses {
-            let added = pool.add(address, Origin::Runtime).map_err(|err| match err {
+            let added = pool.add(address.as_str(), Origin::Runtime).map_err(|err| match err {
                 AddError::InvalidAddress(message) => ControlError::InvalidAddress(message),
                 full @ AddError::Full(_) => ControlError::TooManyWorkers(format!(
                     "{address} not added: {full}{}",
@@ -103,7 +105,7 @@ impl Control {
             if added {
                 info!(worker = %address, "worker added over the control socket");
             }
-            outcome.push((address.clone(), added));
+            outcome.push((address.into(), added));
         }
         Ok(outcome)
     }
