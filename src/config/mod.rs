@@ -53,6 +53,17 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Settings as a reload sees them: which changes need a restart, and how the rest are taken.
+/// Implemented through [`restart_only!`] beside each daemon's settings.
+pub trait Reloadable: Sized {
+    /// The log filter (`RUST_LOG` syntax), which the reload swaps itself.
+    fn log_filter(&mut self) -> &mut String;
+    /// Names the settings that differ in `new` and take effect only after a restart.
+    fn restart_only_changes(&self, new: &Self) -> Vec<&'static str>;
+    /// Takes every live setting from `new`; the restart-only ones keep their running values.
+    fn apply_live(&mut self, new: Self);
+}
+
 /// Declares which settings take effect only after a restart, next to the settings themselves,
 /// and derives from that one list both `restart_only_changes` (what a reload cannot apply) and
 /// `apply_live` (what a reload does to the running settings). Every setting not listed is live.
@@ -61,9 +72,14 @@ macro_rules! restart_only {
         impl $settings {
             /// The settings a reload cannot change, by key, in the order reported.
             pub const RESTART_ONLY: &[&str] = &[$(stringify!($name)),*];
+        }
 
-            /// Names the settings that differ in `new` and take effect only after a restart.
-            pub fn restart_only_changes(&self, new: &Self) -> Vec<&'static str> {
+        impl $crate::config::Reloadable for $settings {
+            fn log_filter(&mut self) -> &mut String {
+                &mut self.log_filter
+            }
+
+            fn restart_only_changes(&self, new: &Self) -> Vec<&'static str> {
                 let mut changed = Vec::new();
                 $(
                     if self.$($field).+ != new.$($field).+ {
@@ -73,9 +89,7 @@ macro_rules! restart_only {
                 changed
             }
 
-            /// Takes every live setting from `new`; those of [`Self::RESTART_ONLY`] keep their
-            /// running values.
-            pub fn apply_live(&mut self, new: Self) {
+            fn apply_live(&mut self, new: Self) {
                 let running = std::mem::replace(self, new);
                 $( self.$($field).+ = running.$($field).+; )*
             }

@@ -418,6 +418,7 @@ pub fn check_worker_address(address: &str) -> Result<(), String> {
 #[cfg(test)]
 #[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error.
 mod tests {
+    use crate::config::Reloadable;
     use std::path::Path;
 
     use figment::Jail;

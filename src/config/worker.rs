@@ -181,6 +181,7 @@ impl WorkerConfigSource {
 #[cfg(test)]
 #[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error.
 mod tests {
+    use crate::config::Reloadable;
     use std::path::PathBuf;
 
     use clap::Parser;
