@@ -21,21 +21,18 @@
 //!   — with the cache on, and with it off (each client then gives up after 3 tries): proofs
 //!   started and delivered, and the workers' CPU time, against the number of distinct inputs.
 
-#[allow(dead_code)]
-#[path = "../tests/it/support/mod.rs"]
-mod support;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use harness::requests::{request, tx_request};
+use harness::standin::Answer;
 use miden_objects::MIN_PROOF_SECURITY_LEVEL;
 use miden_objects::transaction::ProvenTransaction;
 use miden_objects::utils::{Deserializable, Serializable};
 use miden_proving_service::ProofKind;
+use miden_proving_service::proto::ProofType;
 use miden_proving_service::proto::api_client::ApiClient;
-use miden_proving_service::proto::{ProofRequest, ProofType};
 use miden_tx_batch_prover::LocalBatchProver;
-use support::standin::Answer;
 use tonic::transport::Channel;
 
 const FAKE_DELAY: Duration = Duration::from_millis(50);
@@ -52,7 +49,7 @@ async fn start_fake_workers_answering(
 ) -> Vec<SocketAddr> {
     let mut addrs = Vec::new();
     for _ in 0..n {
-        addrs.push(support::standin::start_answering(version, FAKE_DELAY, answer).await.0);
+        addrs.push(harness::standin::start_answering(version, FAKE_DELAY, answer).await.0);
     }
     addrs
 }
@@ -88,8 +85,7 @@ static DISTINCT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::ne
 /// One client loop per target, each sending `per_client` requests one after another, until
 /// `deadline`; a request unanswered by then counts as sent, not answered.
 async fn run_load(targets: Vec<SocketAddr>, per_client: usize, deadline: Duration) -> Load {
-    let request =
-        ProofRequest { proof_type: ProofType::Transaction.into(), payload: vec![1; PAYLOAD_BYTES] };
+    let request = request(ProofType::Transaction, vec![1; PAYLOAD_BYTES]);
     let started = Instant::now();
     let end = tokio::time::Instant::now() + deadline;
     let mut tasks = Vec::new();
@@ -150,7 +146,7 @@ fn report(name: &str, load: &Load) {
 
 async fn fake() {
     let workers = start_fake_workers(8, env!("CARGO_PKG_VERSION")).await;
-    let mut launch = support::Launch::proxy_for("transaction", &workers);
+    let mut launch = harness::Launch::proxy_for("transaction", &workers);
     launch.command.env("MPS_MAX_QUEUE_ITEMS", "128");
     // The benchmark's requests are all distinct; `BENCH_PROOF_CACHE_SIZE=0` shows what keeping
     // their proofs costs.
@@ -185,7 +181,7 @@ async fn fake() {
     // The same latency pair with stand-ins that sleep on Tokio's timer and answer 1 KB: the
     // proxy's hop with the least payload to carry.
     let workers = start_fake_workers_answering(8, env!("CARGO_PKG_VERSION"), Answer::Small).await;
-    let mut proxy = support::Launch::proxy_for("transaction", &workers).start_proxy().await;
+    let mut proxy = harness::Launch::proxy_for("transaction", &workers).start_proxy().await;
     proxy.wait_healthy(8, 8).await;
     let direct = run_load(workers.clone(), 40, deadline).await;
     let through = run_load(vec![proxy.daemon.addr; 8], 40, deadline).await;
@@ -219,7 +215,7 @@ async fn upstream() {
     let mut child = command.spawn().expect("start the upstream proxy");
     let proxy: SocketAddr = "127.0.0.1:8082".parse().expect("addr");
     // Ready once a request is answered (it has no readiness signal).
-    let request = ProofRequest { proof_type: ProofType::Transaction.into(), payload: vec![1; 16] };
+    let request = request(ProofType::Transaction, vec![1; 16]);
     let started = Instant::now();
     loop {
         if let Ok(channel) = Channel::from_static("http://127.0.0.1:8082").connect().await
@@ -262,11 +258,11 @@ fn stat_seconds(pid: i32, fields: std::ops::Range<usize>) -> f64 {
 }
 
 async fn real() {
-    let sample = support::fixtures::sample_transactions(4).await.expect("sample");
-    let worker = support::Launch::worker_proving_every_request("transaction").start().await;
+    let sample = harness::fixtures::sample_transactions(4).await.expect("sample");
+    let worker = harness::Launch::worker_proving_every_request("transaction").start().await;
     // Proving is what is measured: the second round's identical requests must not be answered
     // from the first round's kept proofs.
-    let mut launch = support::Launch::proxy("transaction", &[&worker]);
+    let mut launch = harness::Launch::proxy("transaction", &[&worker]);
     launch.command.env("MPS_PROOF_CACHE_SIZE", "0");
     let mut proxy = launch.start_proxy().await;
     proxy.wait_healthy(1, 1).await;
@@ -279,7 +275,7 @@ async fn real() {
         if round == "local" {
             let started = Instant::now();
             for inputs in &sample.inputs {
-                support::fixtures::prove_here(ProofKind::Transaction, inputs).expect("prove");
+                harness::fixtures::prove_here(ProofKind::Transaction, inputs).expect("prove");
             }
             local += started.elapsed();
             continue;
@@ -289,10 +285,7 @@ async fn real() {
         let mut tasks = Vec::new();
         for inputs in &sample.inputs {
             let mut api = client(proxy.daemon.addr).await;
-            let request = ProofRequest {
-                proof_type: ProofType::Transaction.into(),
-                payload: inputs.to_bytes(),
-            };
+            let request = tx_request(inputs);
             tasks.push(tokio::spawn(async move { api.prove(request).await }));
         }
         proven.clear();
@@ -320,8 +313,8 @@ async fn real() {
 /// and through a batch proxy in front of that worker — so the proxy's own hop shows apart from
 /// the worker's.
 async fn batches(chain: &miden_testing::MockChain, proven: Vec<ProvenTransaction>) {
-    let batch_worker = support::Launch::worker_proving_every_request("batch").start().await;
-    let mut launch = support::Launch::proxy("batch", &[&batch_worker]);
+    let batch_worker = harness::Launch::worker_proving_every_request("batch").start().await;
+    let mut launch = harness::Launch::proxy("batch", &[&batch_worker]);
     launch.command.env("MPS_PROOF_CACHE_SIZE", "0");
     let mut batch_proxy = launch.start_proxy().await;
     batch_proxy.wait_healthy(1, 1).await;
@@ -335,8 +328,7 @@ async fn batches(chain: &miden_testing::MockChain, proven: Vec<ProvenTransaction
         LocalBatchProver::new(MIN_PROOF_SECURITY_LEVEL).prove(batch.clone()).expect("batch");
         local.push(started.elapsed());
         for (api, times) in [(&mut direct, &mut worker), (&mut via_proxy, &mut proxied)] {
-            let request =
-                ProofRequest { proof_type: ProofType::Batch.into(), payload: payload.clone() };
+            let request = request(ProofType::Batch, payload.clone());
             let started = Instant::now();
             api.prove(request).await.expect("batch proof");
             times.push(started.elapsed());
@@ -358,8 +350,8 @@ async fn batches(chain: &miden_testing::MockChain, proven: Vec<ProvenTransaction
 
 /// Only the batch comparison (two transactions are proved first to make the batch).
 async fn batch_only() {
-    let sample = support::fixtures::sample_transactions(2).await.expect("sample");
-    let proven = sample.inputs.iter().map(support::fixtures::prove_transaction_here).collect();
+    let sample = harness::fixtures::sample_transactions(2).await.expect("sample");
+    let proven = sample.inputs.iter().map(harness::fixtures::prove_transaction_here).collect();
     batches(&sample.chain, proven).await;
 }
 
@@ -372,16 +364,13 @@ fn cpu_seconds_with_children(pid: i32) -> f64 {
 // One benchmark's story, printed as it goes.
 #[allow(clippy::too_many_lines)]
 async fn cache() {
-    let sample = support::fixtures::sample_transactions(3).await.expect("sample");
-    let request = |n: usize| ProofRequest {
-        proof_type: ProofType::Transaction.into(),
-        payload: sample.inputs[n].to_bytes(),
-    };
+    let sample = harness::fixtures::sample_transactions(3).await.expect("sample");
+    let request = |n: usize| tx_request(&sample.inputs[n]);
     println!("## proof cache (real transaction proofs)");
 
     // Proving once, then the same request answered from the cache.
-    let worker = support::Launch::worker("transaction").start().await;
-    let mut launch = support::Launch::proxy("transaction", &[&worker]);
+    let worker = harness::Launch::worker("transaction").start().await;
+    let mut launch = harness::Launch::proxy("transaction", &[&worker]);
     launch.command.env("MPS_MAX_REQ_PER_SEC", "100000");
     let mut proxy = launch.start_proxy().await;
     proxy.wait_healthy(1, 1).await;
@@ -423,14 +412,14 @@ async fn cache() {
         // The workers keep proofs when the proxy does (their defaults), and none when it does not.
         let worker = || {
             let launch = if size == "0" {
-                support::Launch::worker_proving_every_request("transaction")
+                harness::Launch::worker_proving_every_request("transaction")
             } else {
-                support::Launch::worker("transaction")
+                harness::Launch::worker("transaction")
             };
             launch.start()
         };
         let (w1, w2) = (worker().await, worker().await);
-        let mut launch = support::Launch::proxy("transaction", &[&w1, &w2]);
+        let mut launch = harness::Launch::proxy("transaction", &[&w1, &w2]);
         launch.command.env("MPS_MAX_REQ_PER_SEC", "100000");
         launch.command.env("MPS_PROOF_CACHE_SIZE", size);
         let mut proxy = launch.start_proxy().await;
@@ -479,7 +468,7 @@ async fn cache() {
             cpu_seconds_with_children(w1.pid) + cpu_seconds_with_children(w2.pid) - cpu_before;
         let completed =
             w1.worker_status().await.requests_served + w2.worker_status().await.requests_served;
-        let (_, scrape) = support::http_get(proxy.metrics, "/metrics").await;
+        let (_, scrape) = harness::http_get(proxy.metrics, "/metrics").await;
         let attempts: f64 = scrape
             .lines()
             .filter(|l| l.starts_with("mps_proxy_worker_requests_total{"))

@@ -7,20 +7,17 @@
 //! cargo build --locked --bins --examples && target/debug/examples/bench_worker [TX_RUNS] [BATCH_RUNS]
 //! ```
 
-#[allow(dead_code)]
-#[path = "../tests/it/support/mod.rs"]
-mod support;
-
 use std::time::{Duration, Instant};
 
+use harness::requests::{request, tx_request};
 use miden_objects::MIN_PROOF_SECURITY_LEVEL;
 use miden_objects::batch::ProposedBatch;
 use miden_objects::transaction::ProvenTransaction;
 use miden_objects::utils::{Deserializable, Serializable};
 use miden_proving_service::ProofKind;
+use miden_proving_service::proto::ProofType;
 use miden_proving_service::proto::api_client::ApiClient;
 use miden_proving_service::proto::worker_status_api_client::WorkerStatusApiClient;
-use miden_proving_service::proto::{ProofRequest, ProofType};
 use miden_tx_batch_prover::LocalBatchProver;
 
 /// The pause before each transaction proof, in-process and through the worker.
@@ -41,9 +38,9 @@ async fn main() -> anyhow::Result<()> {
     let batch_runs: usize = args.next().map_or(Ok(50), |a| a.parse())?;
 
     // Each side proves the same request every run: the worker must not answer from a kept proof.
-    let tx_worker = support::Launch::worker_proving_every_request("transaction").start().await;
-    let batch_worker = support::Launch::worker_proving_every_request("batch").start().await;
-    let sample = support::fixtures::sample_transactions(2).await?;
+    let tx_worker = harness::Launch::worker_proving_every_request("transaction").start().await;
+    let batch_worker = harness::Launch::worker_proving_every_request("batch").start().await;
+    let sample = harness::fixtures::sample_transactions(2).await?;
     let mut tx_api = tx_worker.api().await;
     let mut batch_api = batch_worker.api().await;
 
@@ -56,10 +53,9 @@ async fn main() -> anyhow::Result<()> {
         // path).
         tokio::time::sleep(SETTLE).await;
         let started = Instant::now();
-        support::fixtures::prove_here(ProofKind::Transaction, &inputs)?;
+        harness::fixtures::prove_here(ProofKind::Transaction, &inputs)?;
         local.push(started.elapsed());
-        let request =
-            ProofRequest { proof_type: ProofType::Transaction.into(), payload: inputs.to_bytes() };
+        let request = tx_request(&inputs);
         tokio::time::sleep(SETTLE).await;
         let started = Instant::now();
         tx_api.prove(request).await?;
@@ -76,15 +72,11 @@ async fn main() -> anyhow::Result<()> {
     let mut busy = Vec::new();
     for _ in 0..3 {
         let mut first_api = tx_worker.api().await;
-        let request =
-            ProofRequest { proof_type: ProofType::Transaction.into(), payload: inputs.to_bytes() };
+        let request = tx_request(&inputs);
         let first = tokio::spawn(async move { first_api.prove(request).await });
         tokio::time::sleep(Duration::from_secs(2)).await;
         // Another request: an identical one would join the running proof.
-        let request = ProofRequest {
-            proof_type: ProofType::Transaction.into(),
-            payload: sample.inputs[1].to_bytes(),
-        };
+        let request = tx_request(&sample.inputs[1]);
         let started = Instant::now();
         let answer = tx_api.prove(request).await;
         busy.push(started.elapsed());
@@ -96,9 +88,7 @@ async fn main() -> anyhow::Result<()> {
     // Batch: needs real transaction proofs, which the worker makes.
     let mut proven = Vec::new();
     for inputs in &sample.inputs {
-        let request =
-            ProofRequest { proof_type: ProofType::Transaction.into(), payload: inputs.to_bytes() };
-        let proof = tx_api.prove(request).await?.into_inner();
+        let proof = tx_api.prove(tx_request(inputs)).await?.into_inner();
         proven.push(ProvenTransaction::read_from_bytes(&proof.payload)?);
     }
     let batch = sample.chain.propose_transaction_batch(proven)?;
@@ -173,8 +163,7 @@ async fn batch_medians(
         LocalBatchProver::new(MIN_PROOF_SECURITY_LEVEL).prove(batch.clone())?;
         local.push(started.elapsed());
         tokio::time::sleep(gap).await;
-        let request =
-            ProofRequest { proof_type: ProofType::Batch.into(), payload: payload.to_vec() };
+        let request = request(ProofType::Batch, payload.to_vec());
         let started = Instant::now();
         api.prove(request).await?;
         remote.push(started.elapsed());

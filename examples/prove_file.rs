@@ -22,10 +22,6 @@
 //!     target/x86-64-v3/debug/examples/prove_file target/native/debug/examples/prove_file
 //! ```
 
-#[allow(dead_code)]
-#[path = "../tests/it/support/mod.rs"]
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
@@ -43,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["write-inputs", file] => {
-            let sample = support::fixtures::sample_transactions(1).await?;
+            let sample = harness::fixtures::sample_transactions(1).await?;
             std::fs::write(file, sample.inputs[0].to_bytes())?;
             println!("wrote {file}");
         }
@@ -142,7 +138,7 @@ fn bench(runs: usize, file: &str, bins: &[&str]) -> anyhow::Result<()> {
 fn sample_inputs() -> anyhow::Result<Vec<u8>> {
     let runtime = tokio::runtime::Handle::current();
     let sample = tokio::task::block_in_place(|| {
-        runtime.block_on(support::fixtures::sample_transactions(1))
+        runtime.block_on(harness::fixtures::sample_transactions(1))
     })?;
     Ok(sample.inputs[0].to_bytes())
 }

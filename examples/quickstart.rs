@@ -6,25 +6,18 @@
 //! cargo build --locked --bins --examples && target/debug/examples/quickstart
 //! ```
 
-#[allow(dead_code)]
-#[path = "../tests/it/support/mod.rs"]
-mod support;
-
 use std::time::{Duration, Instant};
 
-use miden_objects::MIN_PROOF_SECURITY_LEVEL;
-use miden_objects::transaction::ProvenTransaction;
-use miden_objects::utils::{Deserializable, Serializable};
-use miden_proving_service::proto::{ProofRequest, ProofType};
-use miden_tx::TransactionVerifier;
+use harness::requests::{tx_request, verify_tx};
+use miden_objects::utils::Serializable;
 use nix::sys::signal::Signal;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     println!("starting a transaction worker and a proxy on 127.0.0.1 ...");
-    let mut worker = support::Launch::worker("transaction").start().await;
+    let mut worker = harness::Launch::worker("transaction").start().await;
     println!("worker ready at {} (pid {})", worker.endpoint(), worker.pid);
-    let mut proxy = support::Launch::proxy("transaction", &[&worker]).start_proxy().await;
+    let mut proxy = harness::Launch::proxy("transaction", &[&worker]).start_proxy().await;
     proxy.wait_healthy(1, 1).await;
     println!(
         "proxy ready at {} (pid {}; status http://{}/status, control socket {})",
@@ -35,25 +28,20 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let started = Instant::now();
-    let sample = support::fixtures::sample_transactions(1).await?;
+    let sample = harness::fixtures::sample_transactions(1).await?;
     let inputs = &sample.inputs[0];
-    let payload = inputs.to_bytes();
     println!(
         "sample transaction for account {} executed on a MockChain in {:.2?} ({} KB of inputs)",
         inputs.account().id(),
         started.elapsed(),
-        payload.len() / 1000
+        inputs.to_bytes().len() / 1000
     );
 
     let mut api = proxy.daemon.api().await;
     let started = Instant::now();
-    let proof = api
-        .prove(ProofRequest { proof_type: ProofType::Transaction.into(), payload })
-        .await?
-        .into_inner();
+    let proof = api.prove(tx_request(inputs)).await?.into_inner();
     let proving = started.elapsed();
-    let proven = ProvenTransaction::read_from_bytes(&proof.payload)?;
-    TransactionVerifier::new(MIN_PROOF_SECURITY_LEVEL).verify(&proven)?;
+    let proven = verify_tx(&proof.payload);
     println!(
         "proved transaction {} through the proxy in {:.2?} ({} KB proof); the proof verifies",
         proven.id(),

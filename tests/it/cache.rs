@@ -9,7 +9,8 @@ use miden_proving_service::proto::{Proof, ProofRequest, ProofType};
 use nix::sys::signal::Signal;
 use tonic::{Code, Status};
 
-use crate::support::fixtures::{sample_transactions, tx_request, verify};
+use crate::support::fixtures::sample_transactions;
+use crate::support::requests::{request, tx_request, verify_tx};
 use crate::support::{Daemon, Launch, START_TIMEOUT, standin};
 
 const PROOF_TIMEOUT: Duration = Duration::from_secs(300);
@@ -53,11 +54,11 @@ async fn identical_requests_at_once_share_one_proof_and_a_different_one_gets_its
         proofs.push(client.await.expect("join").expect("every client gets a proof").into_inner());
     }
     assert!(proofs.iter().all(|p| p.payload == proofs[0].payload), "one proof for all four");
-    let proven = verify(&proofs[0].payload);
+    let proven = verify_tx(&proofs[0].payload);
     assert_eq!(proven.account_id(), sample.inputs[0].account().id());
     let other = other.await.expect("join").expect("its own proof").into_inner();
     assert_ne!(other.payload, proofs[0].payload);
-    let proven = verify(&other.payload);
+    let proven = verify_tx(&other.payload);
     assert_eq!(proven.account_id(), sample.inputs[1].account().id(), "proved from its own input");
 
     let status = proxy.status_json().await;
@@ -91,7 +92,7 @@ async fn a_client_whose_deadline_is_shorter_than_the_proof_gets_it_on_its_retry(
 
     // The retry, sent while that proof runs, receives it.
     let retry = api.prove(tx_request(&sample.inputs[0])).await.expect("the retry gets the proof");
-    verify(&retry.get_ref().payload);
+    verify_tx(&retry.get_ref().payload);
     assert_eq!(worker.worker_status().await.requests_served, 1, "one proof was computed");
 
     // A retry after it ended is answered from the cache, without a worker.
@@ -122,8 +123,7 @@ async fn a_client_whose_deadline_is_shorter_than_the_proof_gets_it_on_its_retry(
 async fn kept_proofs_leave_at_their_age_and_oldest_first_beyond_the_size_and_zero_keeps_none() {
     let version = env!("CARGO_PKG_VERSION");
     let (addr, standin) = standin::start(version, Duration::from_millis(5)).await;
-    let request =
-        |n: u8| ProofRequest { proof_type: ProofType::Transaction.into(), payload: vec![n; 64] };
+    let request = |n: u8| request(ProofType::Transaction, vec![n; 64]);
     // Room for two of the stand-in's 84 KB proofs.
     let room = 2 * (84_000 + miden_proving_service::share::ENTRY_OVERHEAD) + 1000;
     let mut launch = Launch::proxy_for("transaction", &[addr]);
@@ -195,7 +195,7 @@ async fn a_worker_killed_during_a_shared_proof_leaves_every_waiter_a_proof() {
     for waiter in waiters {
         proofs.push(waiter.await.expect("join").expect("every waiter gets the retry's proof"));
     }
-    verify(&proofs[0].get_ref().payload);
+    verify_tx(&proofs[0].get_ref().payload);
     assert!(proofs.iter().all(|p| p.get_ref().payload == proofs[0].get_ref().payload));
     assert_eq!(survivor.worker_status().await.requests_served, 1, "proved once, on the survivor");
     let cache = proxy.status_json().await["proof_cache"].clone();

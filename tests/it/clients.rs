@@ -5,12 +5,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use miden_objects::MIN_PROOF_SECURITY_LEVEL;
-use miden_objects::transaction::ProvenTransaction;
-use miden_objects::utils::{Deserializable, Serializable};
+use miden_proving_service::proto::ProofType;
 use miden_proving_service::proto::api_client::ApiClient;
-use miden_proving_service::proto::{ProofRequest, ProofType};
-use miden_tx::TransactionVerifier;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tonic::Code;
@@ -18,6 +14,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::hostile::{fd_count, rss_kib};
 use crate::support::fixtures::sample_transactions;
+use crate::support::requests::{request, tx_request, verify_tx};
 use crate::support::{Launch, Proxy, START_TIMEOUT, standin};
 
 const MIB: usize = 1 << 20;
@@ -141,13 +138,9 @@ async fn thirty_stalled_64_mib_uploads_stay_under_300_mib_and_end_within_the_bod
     assert!(rss_during < 300 * 1024, "VmRSS {rss_during} KiB while 30 uploads stall");
     assert_eq!(get_from(other_client(), proxy.status, "/status").await, 200);
     let mut api = ApiClient::new(channel_from(other_client(), &proxy).await);
-    let request = ProofRequest {
-        proof_type: ProofType::Transaction.into(),
-        payload: sample.inputs[0].to_bytes(),
-    };
+    let request = tx_request(&sample.inputs[0]);
     let proof = api.prove(request).await.expect("a proof while the attack holds").into_inner();
-    let proven = ProvenTransaction::read_from_bytes(&proof.payload).expect("decodes");
-    TransactionVerifier::new(MIN_PROOF_SECURITY_LEVEL).verify(&proven).expect("verifies");
+    verify_tx(&proof.payload);
     assert!(rss_kib(pid) < 300 * 1024);
 
     // Each ends with a status: refused at once (the client's budget is full) or, for the one
@@ -224,8 +217,9 @@ async fn two_thousand_idle_connections_at_1024_descriptors_leave_the_proxy_servi
     // Another client is served: status, a proof, and a short HTTP/1.0 request.
     assert_eq!(get_from(other_client(), proxy.status, "/status").await, 200);
     let mut api = ApiClient::new(channel_from(other_client(), &proxy).await);
-    let request = ProofRequest { proof_type: ProofType::Transaction.into(), payload: vec![1] };
-    api.prove(request).await.expect("served while 2,000 idle connections are open");
+    api.prove(request(ProofType::Transaction, vec![1]))
+        .await
+        .expect("served while 2,000 idle connections are open");
     let mut short = connect_from(other_client(), proxy.status).await.expect("connect");
     short.write_all(b"GET / HTTP/1.0\r\n\r\n").await.expect("18 bytes");
     let mut answer = Vec::new();
@@ -257,10 +251,7 @@ async fn two_thousand_idle_connections_at_1024_descriptors_leave_the_proxy_servi
 /// A gRPC `Prove` through the proxy with `headers`; the status it got.
 async fn prove_with_headers(proxy: &Proxy, headers: &[(&'static str, &str)]) -> tonic::Status {
     let mut api = ApiClient::new(proxy.daemon.channel().await);
-    let mut request = tonic::Request::new(ProofRequest {
-        proof_type: ProofType::Transaction.into(),
-        payload: vec![1],
-    });
+    let mut request = tonic::Request::new(request(ProofType::Transaction, vec![1]));
     for (key, value) in headers {
         request.metadata_mut().insert(*key, value.parse().expect("header value"));
     }

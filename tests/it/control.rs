@@ -10,16 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use miden_objects::MIN_PROOF_SECURITY_LEVEL;
-use miden_objects::transaction::ProvenTransaction;
-use miden_objects::utils::{Deserializable, Serializable};
+use miden_proving_service::proto::ProofType;
 use miden_proving_service::proto::api_client::ApiClient;
-use miden_proving_service::proto::{ProofRequest, ProofType};
-use miden_tx::TransactionVerifier;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use crate::support::fixtures::sample_transactions;
+use crate::support::requests::{request, tx_request, verify_tx};
 use crate::support::{Launch, Proxy, START_TIMEOUT, clean_env, minedctl, standin};
 
 /// Runs `minedctl --socket SOCKET ARGS…` as the current user.
@@ -104,13 +101,9 @@ async fn minedctl_adds_lists_and_removes_workers_and_an_added_worker_serves() {
     assert!(removed.status.success(), "{}", stderr(&removed));
     assert_eq!(worker_set(&socket), pairs(&[(&b, "runtime")]));
     let mut client = proxy.daemon.api().await;
-    let request = ProofRequest {
-        proof_type: ProofType::Transaction.into(),
-        payload: sample.inputs[0].to_bytes(),
-    };
+    let request = tx_request(&sample.inputs[0]);
     let proof = client.prove(request).await.expect("proved through the added worker");
-    let proven = ProvenTransaction::read_from_bytes(&proof.get_ref().payload).expect("decodes");
-    TransactionVerifier::new(MIN_PROOF_SECURITY_LEVEL).verify(&proven).expect("verifies");
+    verify_tx(&proof.get_ref().payload);
     assert_eq!(second.worker_status().await.requests_served, 1);
     assert_eq!(first.worker_status().await.requests_served, 0);
 
@@ -374,7 +367,7 @@ async fn two_hundred_adds_and_removes_under_load_fail_no_request() {
                 let mut payload = vec![1; 4096];
                 payload[..8].copy_from_slice(&sent.to_le_bytes());
                 payload[8] = u8::try_from(n).expect("six clients");
-                let request = ProofRequest { proof_type: ProofType::Transaction.into(), payload };
+                let request = request(ProofType::Transaction, payload);
                 let result = client.prove(request).await;
                 result.expect("no request fails while workers come and go");
                 answered.fetch_add(1, Ordering::SeqCst);

@@ -10,12 +10,12 @@ use std::process::Command;
 use miden_objects::MIN_PROOF_SECURITY_LEVEL;
 use miden_objects::batch::ProvenBatch;
 use miden_objects::transaction::ProvenTransaction;
-use miden_objects::utils::{Deserializable, Serializable};
-use miden_proving_service::proto::{ProofRequest, ProofType};
+use miden_objects::utils::Deserializable;
 use miden_tx::TransactionVerifier;
 
 use crate::support::Launch;
 use crate::support::fixtures::sample_transactions;
+use crate::support::requests::{batch_request, tx_request};
 
 fn fast_dir() -> PathBuf {
     PathBuf::from(std::env::var_os("MPSDEV_FAST_DIR").expect(
@@ -43,10 +43,7 @@ async fn the_fast_and_the_generic_build_verify_each_others_proofs() {
     let fast = fast_dir();
     let build = fast_build();
     let sample = sample_transactions(1).await.expect("sample transaction");
-    let request = || ProofRequest {
-        proof_type: ProofType::Transaction.into(),
-        payload: sample.inputs[0].to_bytes(),
-    };
+    let request = || tx_request(&sample.inputs[0]);
 
     // The fast worker proves; this (generic) process verifies.
     let fast_worker =
@@ -75,7 +72,7 @@ async fn the_fast_and_the_generic_build_verify_each_others_proofs() {
     let batch = sample.chain.propose_transaction_batch([generic_proof]).expect("a batch");
     let fast_batches =
         Launch::worker_from(&fast.join("miden-proving-service"), "batch", 0).start().await;
-    let request = ProofRequest { proof_type: ProofType::Batch.into(), payload: batch.to_bytes() };
+    let request = batch_request(&batch);
     let proof = fast_batches
         .api()
         .await

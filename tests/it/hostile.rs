@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use miden_objects::batch::ProvenBatch;
 use miden_objects::block::ProvenBlock;
 use miden_objects::utils::{Deserializable, Serializable};
-use miden_proving_service::proto::{ProofRequest, ProofType};
+use miden_proving_service::proto::ProofType;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tonic::Code;
 
 use crate::support::fixtures::sample_transactions;
+use crate::support::requests::request;
 use crate::support::{Daemon, Launch, START_TIMEOUT, hostile};
 
 /// Generous bound for one real transaction proof on a loaded 2-core machine.
@@ -22,10 +23,6 @@ const PROOF_TIMEOUT: Duration = Duration::from_secs(300);
 /// The 9-byte payload that aborted upstream's batch and block workers: a vint announcing 2^40
 /// elements for the first `Vec`.
 const NINE_BYTE_BOMB: [u8; 9] = [0, 0, 0, 0, 0, 0, 1, 0, 0];
-
-fn request(kind: ProofType, payload: Vec<u8>) -> ProofRequest {
-    ProofRequest { proof_type: kind.into(), payload }
-}
 
 /// Sends every fuzz finding for `target` (tests/fixtures/fuzz/TARGET, see its README) to `worker`:
 /// each is refused as malformed, with a message naming the input type and, for a decoder that

@@ -7,17 +7,18 @@ use std::time::{Duration, Instant};
 use miden_objects::MIN_PROOF_SECURITY_LEVEL;
 use miden_objects::batch::ProvenBatch;
 use miden_objects::transaction::TransactionInputs;
-use miden_objects::utils::{Deserializable, Serializable};
+use miden_objects::utils::Deserializable;
 use miden_proving_service::proto::api_client::ApiClient;
 use miden_proving_service::proto::proxy_status_api_client::ProxyStatusApiClient;
-use miden_proving_service::proto::{ProofRequest, ProofType, WorkerHealthStatus};
+use miden_proving_service::proto::{ProofType, WorkerHealthStatus};
 use miden_tx::TransactionVerifier;
 use nix::sys::signal::Signal;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::support::fixtures::{sample_transactions, tx_request, verify};
+use crate::support::fixtures::sample_transactions;
 use crate::support::otlp::Collector;
+use crate::support::requests::{batch_request, request, tx_request, verify_tx};
 use crate::support::{Daemon, Launch, START_TIMEOUT};
 
 const PROOF_TIMEOUT: Duration = Duration::from_secs(300);
@@ -65,7 +66,7 @@ async fn two_workers_serve_four_concurrent_clients() {
     }
     for client in clients {
         let proof = client.await.expect("join").expect("every client gets a proof");
-        verify(&proof.into_inner().payload);
+        verify_tx(&proof.into_inner().payload);
     }
     let status = proxy.status_json().await;
     let served: Vec<u64> = [w1.addr.to_string(), by_name]
@@ -97,7 +98,7 @@ async fn a_worker_killed_mid_proof_is_retried_on_another_and_used_again_after_re
     victim.wait(START_TIMEOUT).await;
 
     let proof = first.await.expect("join").expect("the client still gets a proof");
-    verify(&proof.into_inner().payload);
+    verify_tx(&proof.into_inner().payload);
     assert_eq!(survivor.worker_status().await.requests_served, 1, "the survivor proved it");
 
     let status = proxy.status_json().await;
@@ -118,7 +119,7 @@ async fn a_worker_killed_mid_proof_is_retried_on_another_and_used_again_after_re
     let a = spawn_prove(&proxy.daemon, &sample.inputs[1]).await;
     let b = spawn_prove(&proxy.daemon, &sample.inputs[2]).await;
     for client in [a, b] {
-        verify(&client.await.expect("join").expect("proof").into_inner().payload);
+        verify_tx(&client.await.expect("join").expect("proof").into_inner().payload);
     }
     assert_eq!(restarted.worker_status().await.requests_served, 1, "the restarted worker is used");
 }
@@ -151,7 +152,7 @@ async fn a_worker_frozen_mid_proof_is_noticed_and_the_request_retried_elsewhere(
     let proof = running.await.expect("join");
     frozen.signal(Signal::SIGCONT);
     let proof = proof.expect("proved on the other worker");
-    verify(&proof.into_inner().payload);
+    verify_tx(&proof.into_inner().payload);
     assert_eq!(other.worker_status().await.requests_served, 1, "the other worker proved it");
 }
 
@@ -167,9 +168,9 @@ async fn a_worker_kept_busy_by_a_direct_client_is_skipped_for_the_free_one() {
     w1.notify.wait_for_status("proving", PROOF_TIMEOUT).await;
     let through_proxy = api(&proxy.daemon).await.prove(tx_request(&sample.inputs[1])).await;
     let proof = through_proxy.expect("no busy answer while a worker is free");
-    verify(&proof.into_inner().payload);
+    verify_tx(&proof.into_inner().payload);
     assert_eq!(w2.worker_status().await.requests_served, 1, "the free worker proved it");
-    verify(&direct.await.expect("join").expect("direct proof").into_inner().payload);
+    verify_tx(&direct.await.expect("join").expect("direct proof").into_inner().payload);
 }
 
 #[tokio::test]
@@ -199,8 +200,10 @@ async fn a_full_queue_refuses_at_once_and_a_cancelled_request_frees_its_slot() {
     proxy.daemon.notify.wait_for_status("1/1 workers healthy, queue 0/1", START_TIMEOUT).await;
     let next = spawn_prove(&proxy.daemon, &sample.inputs[1]).await;
     proxy.daemon.notify.wait_for_status("1/1 workers healthy, queue 1/1", START_TIMEOUT).await;
-    verify(&running.await.expect("join").expect("first proof").into_inner().payload);
-    verify(&next.await.expect("join").expect("the request behind is served").into_inner().payload);
+    verify_tx(&running.await.expect("join").expect("first proof").into_inner().payload);
+    verify_tx(
+        &next.await.expect("join").expect("the request behind is served").into_inner().payload,
+    );
     assert_eq!(worker.worker_status().await.requests_served, 2, "the cancelled one never ran");
 }
 
@@ -222,8 +225,7 @@ async fn a_proof_given_up_by_the_proxy_or_the_client_is_stopped_and_the_worker_s
     let worker = Launch::worker("transaction").start().await;
     // The next request: a payload the worker refuses at once, so its answer tells whether the
     // worker took it (INVALID_ARGUMENT) or was busy (the proxy's UNAVAILABLE after retries).
-    let garbage =
-        ProofRequest { proof_type: ProofType::Transaction.into(), payload: vec![1, 2, 3] };
+    let garbage = request(ProofType::Transaction, vec![1, 2, 3]);
 
     // The proxy's own timeout, far shorter than a proof.
     let mut launch = Launch::proxy("transaction", &[&worker]);
@@ -266,7 +268,7 @@ async fn no_workers_is_unavailable_at_once_and_the_rate_limit_is_per_client_ip()
     let mut launch = Launch::proxy("transaction", &[]);
     launch.command.env("MPS_MAX_REQ_PER_SEC", "2");
     let proxy = launch.start_proxy().await;
-    let garbage = ProofRequest { proof_type: ProofType::Transaction.into(), payload: vec![1, 2] };
+    let garbage = request(ProofType::Transaction, vec![1, 2]);
 
     let from = |ip: &str| {
         let endpoint = Endpoint::from_shared(proxy.daemon.endpoint()).expect("endpoint");
@@ -319,7 +321,7 @@ async fn when_every_worker_is_unhealthy_a_request_is_refused_naming_why() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let garbage = ProofRequest { proof_type: ProofType::Transaction.into(), payload: vec![1, 2] };
+    let garbage = request(ProofType::Transaction, vec![1, 2]);
     let err = api(&proxy.daemon).await.prove(garbage).await.expect_err("no healthy worker");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     let message = err.message();
@@ -363,7 +365,7 @@ async fn a_batch_worker_in_a_transaction_proxy_is_unhealthy_unused_and_metrics_a
     assert_eq!(entry.expect("listed").status, WorkerHealthStatus::Unhealthy as i32);
 
     let proof = api(&proxy.daemon).await.prove(tx_request(&sample.inputs[0])).await.expect("proof");
-    verify(&proof.into_inner().payload);
+    verify_tx(&proof.into_inner().payload);
     assert_eq!(batch_worker.worker_status().await.requests_served, 0, "never given a request");
 
     let (code, scrape) = crate::support::http_get(proxy.metrics, "/metrics").await;
@@ -469,7 +471,7 @@ async fn the_upstream_client_and_grpc_web_work_through_the_proxy() {
 
     // gRPC-web (HTTP/1.1) proves a batch through the batch proxy.
     let batch = sample.chain.propose_transaction_batch(proven).expect("propose a batch");
-    let request = ProofRequest { proof_type: ProofType::Batch.into(), payload: batch.to_bytes() };
+    let request = batch_request(&batch);
     let (data, trailers) = grpc_web(
         batch_proxy.daemon.addr,
         "/remote_prover.Api/Prove",
@@ -570,7 +572,7 @@ async fn sigterm_lets_queued_and_running_requests_finish() {
     assert_eq!(late.expect_err("nothing new is admitted").code(), Code::Unavailable);
 
     for client in [running, queued] {
-        verify(
+        verify_tx(
             &client
                 .await
                 .expect("join")
@@ -594,7 +596,7 @@ async fn prove_with(
         request.metadata_mut().insert(*key, value.parse().expect("ascii"));
     }
     let proof = api(daemon).await.prove(request).await.expect("proved through the proxy");
-    verify(&proof.get_ref().payload);
+    verify_tx(&proof.get_ref().payload);
 }
 
 // The collector runs on this test's runtime: give it threads of its own while the test verifies.
@@ -708,10 +710,7 @@ async fn a_request_that_kills_workers_costs_two_at_most_and_is_then_refused_at_o
     let mut proxy = launch.start_proxy().await;
     proxy.wait_healthy(3, 3).await;
 
-    let poison = || ProofRequest {
-        proof_type: ProofType::Transaction.into(),
-        payload: [MARK, &[1, 2, 3][..]].concat(),
-    };
+    let poison = || request(ProofType::Transaction, [MARK, &[1, 2, 3][..]].concat());
     let err = api(&proxy.daemon).await.prove(poison()).await.expect_err("the workers died");
     assert_eq!(err.code(), Code::Internal, "{err:?}");
     assert!(err.message().starts_with("this request's content took down 2 workers"), "{err:?}");
@@ -742,8 +741,7 @@ async fn a_request_that_kills_workers_costs_two_at_most_and_is_then_refused_at_o
     assert!(line.contains("127.0.0.1"), "the client address is logged: {line}");
 
     // Other content goes to the survivor as before.
-    let ordinary =
-        ProofRequest { proof_type: ProofType::Transaction.into(), payload: b"ordinary".to_vec() };
+    let ordinary = request(ProofType::Transaction, b"ordinary".to_vec());
     api(&proxy.daemon).await.prove(ordinary).await.expect("served");
     assert_eq!(survivor.served(), 1);
 }

@@ -12,15 +12,12 @@ use nix::sys::signal::Signal;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::support::fixtures::{sample_transactions, tx_request, verify};
+use crate::support::fixtures::sample_transactions;
+use crate::support::requests::{request, tx_request, verify_tx};
 use crate::support::{Launch, START_TIMEOUT};
 
 /// Generous bound for one real transaction proof on a loaded 2-core machine.
 const PROOF_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn request(kind: ProofType, payload: Vec<u8>) -> ProofRequest {
-    ProofRequest { proof_type: kind.into(), payload }
-}
 
 #[tokio::test]
 async fn proves_a_transaction_a_batch_and_a_block() {
@@ -32,7 +29,7 @@ async fn proves_a_transaction_a_batch_and_a_block() {
     let mut proven = Vec::new();
     for inputs in &sample.inputs {
         let proof = tx_worker.api().await.prove(tx_request(inputs)).await.expect("tx proof");
-        proven.push(verify(&proof.into_inner().payload));
+        proven.push(verify_tx(&proof.into_inner().payload));
     }
 
     let proposed_batch =
@@ -125,7 +122,7 @@ async fn refuses_bad_requests_clearly_joins_an_identical_one_and_answers_busy_to
     eprintln!("busy answer after {busy_after:?} while the first proof was running");
 
     let proof = first.await.expect("join").expect("the first request is proved").into_inner();
-    verify(&proof.payload);
+    verify_tx(&proof.payload);
     let shared = joined.await.expect("join").expect("the identical request's proof").into_inner();
     assert_eq!(shared.payload, proof.payload, "the joiner gets the same proof");
     let status = worker.worker_status().await;
@@ -189,7 +186,7 @@ async fn sigterm_lets_the_proof_in_flight_reach_its_client() {
     worker.notify.wait_for_line("EXTEND_TIMEOUT_USEC=70000000", 0, START_TIMEOUT).await;
 
     let proof = proving.await.expect("join").expect("the proof in flight is delivered");
-    verify(&proof.into_inner().payload);
+    verify_tx(&proof.into_inner().payload);
     let status = worker.wait(PROOF_TIMEOUT).await;
     assert_eq!(status.code(), Some(0), "{}", worker.output());
 }

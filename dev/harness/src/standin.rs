@@ -38,7 +38,6 @@ pub enum Answer {
     Proof,
     /// Sleeps on Tokio's timer, which rounds up to its 1 ms ticks, and answers 1 KB: the
     /// smallest answer, so that what the proxy adds shows on its own.
-    #[allow(dead_code, reason = "only the proxy benchmark asks for it")]
     Small,
 }
 

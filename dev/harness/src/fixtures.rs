@@ -3,30 +3,13 @@
 //! integration tests, the quickstart example and the benchmarks.
 
 use anyhow::Context;
-use miden_objects::MIN_PROOF_SECURITY_LEVEL;
 use miden_objects::asset::FungibleAsset;
 use miden_objects::note::NoteType;
 use miden_objects::transaction::{ProvenTransaction, TransactionInputs};
 use miden_objects::utils::{Deserializable, Serializable};
 use miden_proving_service::ProofKind;
-use miden_proving_service::proto::{ProofRequest, ProofType};
 use miden_proving_service::prover::{ProveError, Prover};
 use miden_testing::{Auth, MockChain};
-use miden_tx::TransactionVerifier;
-
-/// The `ProofRequest` a client sends to have `inputs` proved.
-pub fn tx_request(inputs: &TransactionInputs) -> ProofRequest {
-    ProofRequest { proof_type: ProofType::Transaction.into(), payload: inputs.to_bytes() }
-}
-
-/// Decodes a transaction proof and verifies it; panics naming which step failed.
-pub fn verify(proof: &[u8]) -> ProvenTransaction {
-    let proven = ProvenTransaction::read_from_bytes(proof).expect("the proof decodes");
-    TransactionVerifier::new(MIN_PROOF_SECURITY_LEVEL)
-        .verify(&proven)
-        .expect("the transaction proof verifies");
-    proven
-}
 
 /// Proves `input` in this process with the service's own prover (the code a worker's prover
 /// process runs: `prover::Prover`, which Miden's provers are compiled into once, in the library).
