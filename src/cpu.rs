@@ -47,7 +47,9 @@ pub fn fast_build_beside(exe: &std::path::Path) -> Option<std::path::PathBuf> {
     Some(prefix.join("lib").join(name).join(format!("{name}.{FAST_BUILD}")))
 }
 
-/// The features of `x86-64-v3` beyond the baseline, as rustc's `--print cfg` lists them.
+/// The features of `x86-64-v3` beyond the baseline, as rustc's `--print cfg` lists them. The one
+/// list of them in the repository: CI and the package tests ask the fast build itself whether it
+/// runs (it refuses to start without a feature it was compiled for, `src/cpu_check.c`).
 #[cfg(target_arch = "x86_64")]
 fn runs_fast_build() -> bool {
     macro_rules! all_detected {
