@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 
 pub use self::proxy::{
     ClientBounds, DEFAULT_CONTROL_SOCKET, DEFAULT_PROXY_CONFIG, DEFAULT_STATE_FILE,
-    InvalidWorkerAddress, ProxyConfigSource, ProxySettings, WorkerAddress, check_worker_address,
+    InvalidWorkerAddress, ProxyConfigSource, ProxySettings, WorkerAddress,
 };
 pub use self::worker::{Bounds, DEFAULT_WORKER_CONFIG, Limits, WorkerConfigSource, WorkerSettings};
 

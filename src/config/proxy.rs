@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use figment::providers::{Env, Serialized};
 use serde::{Deserialize, Serialize};
+use tonic::transport::Endpoint;
 
 use super::{Check, ConfigError, ConfigFile, Flags, bytes, known_keys, layered, restart_only};
 use crate::ProofKind;
@@ -140,7 +141,7 @@ pub struct ClientBounds {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProxySettings {
     /// Workers from the configuration, `host:port` each.
-    pub workers: Vec<String>,
+    pub workers: Vec<WorkerAddress>,
     /// The proof type this proxy accepts; workers of another type are marked unhealthy.
     pub prover_type: ProofKind,
     /// Address every listener binds (0.0.0.0 by default; 127.0.0.1 keeps it local).
@@ -238,7 +239,7 @@ impl ProxyConfigSource {
         let mut check = Check::new(&figment, &self.file, "MPS_", &known)?;
         let bind_address = check.parse_or("bind_address", Ipv4Addr::UNSPECIFIED.into(), ip);
         let settings = ProxySettings {
-            workers: check.list::<WorkerAddress>("workers").into_iter().map(String::from).collect(),
+            workers: check.list("workers"),
             prover_type: check.parse_or("prover_type", ProofKind::Transaction, str::parse),
             bind_address,
             status_bind_address: check
@@ -370,6 +371,22 @@ impl WorkerAddress {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The gRPC endpoint the proxy dials (plaintext HTTP/2).
+    pub fn endpoint(&self) -> Endpoint {
+        endpoint(&self.0).unwrap_or_else(|_| unreachable!("checked when `{self}` was parsed"))
+    }
+}
+
+/// `address` as an HTTP/2 endpoint; fails when it is not a URI's authority.
+fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Endpoint::from_shared(format!("http://{address}"))
+}
+
+impl PartialEq<&str> for WorkerAddress {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
 }
 
 impl FromStr for WorkerAddress {
@@ -386,6 +403,7 @@ impl FromStr for WorkerAddress {
         if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/' || c == '@') {
             return Err(fault(format!("`{address}`: `{host}` is not a host name or IP address")));
         }
+        endpoint(address).map_err(|err| fault(format!("`{address}`: {err}")))?;
         Ok(WorkerAddress(address.to_owned()))
     }
 }
@@ -408,11 +426,6 @@ impl fmt::Display for WorkerAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
-}
-
-/// Checks a worker address held as a string; [`WorkerAddress`] is the parsed form.
-pub fn check_worker_address(address: &str) -> Result<(), String> {
-    address.parse::<WorkerAddress>().map(drop).map_err(|err| err.to_string())
 }
 
 #[cfg(test)]
@@ -586,8 +599,8 @@ mod tests {
         assert_eq!(fault("user@h:1"), "`user@h:1`: `user@h` is not a host name or IP address");
         let parsed: Vec<WorkerAddress> =
             serde_json::from_str(r#"["h:1"]"#).expect("serde parses through FromStr");
-        assert_eq!(parsed, ["h:1".parse().expect("valid")]);
+        assert_eq!(parsed, ["h:1".parse::<WorkerAddress>().expect("valid")]);
         assert!(serde_json::from_str::<WorkerAddress>(r#""h""#).is_err());
-        assert_eq!(check_worker_address("h"), Err("`h` is not host:port (no port)".to_owned()));
+        assert_eq!(fault("h%zz:1"), "`h%zz:1`: invalid URI");
     }
 }

@@ -19,7 +19,7 @@ use zvariant::Type;
 
 use crate::config::{InvalidWorkerAddress, WorkerAddress};
 use crate::proxy::Proxy;
-use crate::proxy::pool::{AddError, Health, Origin};
+use crate::proxy::pool::{Health, Origin};
 
 /// A reload asked for over the control socket, answered by the daemon's main loop (which owns
 /// the configuration) with a summary or the reason it failed.
@@ -89,9 +89,8 @@ impl Control {
         let pool = self.proxy.pool();
         let mut outcome = Vec::with_capacity(addresses.len());
         for address in addresses {
-            let added = pool.add(address.as_str(), Origin::Runtime).map_err(|err| match err {
-                AddError::InvalidAddress(message) => ControlError::InvalidAddress(message),
-                full @ AddError::Full(_) => ControlError::TooManyWorkers(format!(
+            let added = pool.add(&address, Origin::Runtime).map_err(|full| {
+                ControlError::TooManyWorkers(format!(
                     "{address} not added: {full}{}",
                     if outcome.is_empty() {
                         String::new()
@@ -100,7 +99,7 @@ impl Control {
                             outcome.iter().map(|(a, _): &(String, bool)| a.as_str()).collect();
                         format!("; the ones before it are in: {}", before.join(", "))
                     }
-                )),
+                ))
             })?;
             if added {
                 info!(worker = %address, "worker added over the control socket");

@@ -15,7 +15,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::{info, warn};
 
 use super::{DaemonError, Signal, Signals};
-use crate::config::{ProxyConfigSource, ProxySettings};
+use crate::config::{ProxyConfigSource, ProxySettings, WorkerAddress};
 use crate::control::{self, Control, ReloadRequest};
 use crate::proxy::front::{self, Role};
 use crate::proxy::pool::Origin;
@@ -284,11 +284,13 @@ fn reload(
 
 /// Makes the pool's configured workers `configured`, leaving those added at run time; returns
 /// the addresses added and removed.
-fn reconcile_workers(proxy: &Proxy, configured: &[String]) -> (Vec<String>, Vec<String>) {
+fn reconcile_workers(proxy: &Proxy, configured: &[WorkerAddress]) -> (Vec<String>, Vec<String>) {
     let pool = proxy.pool();
     let (mut added, mut removed) = (Vec::new(), Vec::new());
     for worker in pool.snapshot() {
-        if worker.origin == Origin::Config && !configured.contains(&worker.address) {
+        if worker.origin == Origin::Config
+            && !configured.iter().any(|c| *c == worker.address.as_str())
+        {
             pool.remove(&worker.address);
             info!(worker = %worker.address, "worker removed (no longer in the configuration)");
             removed.push(worker.address);
@@ -298,7 +300,7 @@ fn reconcile_workers(proxy: &Proxy, configured: &[String]) -> (Vec<String>, Vec<
         match pool.add(address, Origin::Config) {
             Ok(true) => {
                 info!(worker = %address, "worker added from the configuration");
-                added.push(address.clone());
+                added.push(address.to_string());
             }
             Ok(false) => {}
             Err(err) => warn!(worker = %address, "worker from the configuration not added: {err}"),

@@ -144,7 +144,7 @@ mod tests {
         for _ in 0..40 {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let address = listener.local_addr().expect("addr").to_string();
-            pool.add(&address, Origin::Config).expect("add");
+            pool.add(&address.parse().expect("address"), Origin::Config).expect("add");
             let accepted = Arc::clone(&accepted);
             held.push(tokio::spawn(async move {
                 let mut silent = Vec::new();

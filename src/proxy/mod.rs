@@ -125,8 +125,10 @@ impl Proxy {
             channel_settings(settings),
         );
         for address in &settings.workers {
-            // Addresses were validated with the configuration.
-            let _ = pool.add(address, Origin::Config);
+            // The configuration holds at most max_workers, so none is refused.
+            if let Err(err) = pool.add(address, Origin::Config) {
+                tracing::warn!(worker = %address, "worker from the configuration not added: {err}");
+            }
         }
         let live = LiveSettings::from(settings);
         let metrics = Metrics::new();

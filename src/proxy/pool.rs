@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+use crate::config::WorkerAddress;
 
 /// A worker's health as the proxy last saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,9 +85,6 @@ pub enum AcquireError {
 /// Why a worker was not added.
 #[derive(Debug, thiserror::Error)]
 pub enum AddError {
-    /// Not `host:port`.
-    #[error("{0}")]
-    InvalidAddress(String),
     /// The pool holds `max_workers` already.
     #[error(
         "the proxy has {0} workers, its max_workers; remove one (`minedctl remove-worker`) or \
@@ -98,7 +97,7 @@ struct WorkerEntry {
     /// Unique for the pool's life: a worker removed while busy and added again is a new entry,
     /// and each lease frees its own.
     id: u64,
-    address: String,
+    address: WorkerAddress,
     channel: Channel,
     /// What the channel was made with: when a reload changed the pool's settings, the channel
     /// is made anew once the worker is idle.
@@ -120,13 +119,18 @@ struct WorkerEntry {
 }
 
 impl WorkerEntry {
+    /// Whether `excluded` (addresses a request tried already) names this worker.
+    fn excluded_by(&self, excluded: &[String]) -> bool {
+        excluded.iter().any(|address| self.address == address.as_str())
+    }
+
     fn usable(&self) -> bool {
         self.health == Health::Healthy && !self.busy && !self.removed
     }
 
     /// This worker, to be handed to a request.
     fn grant(&self) -> Grant {
-        Grant { worker: self.id, address: self.address.clone(), channel: self.channel.clone() }
+        Grant { worker: self.id, address: self.address.to_string(), channel: self.channel.clone() }
     }
 
     fn set_health(&mut self, health: Health) {
@@ -185,7 +189,7 @@ impl State {
             .listed()
             .map(|w| match &w.health {
                 Health::Unhealthy { reason, .. } => format!("{} ({reason})", w.address),
-                _ => w.address.clone(),
+                _ => w.address.to_string(),
             })
             .collect();
         Err(AcquireError::NoHealthyWorkers(failures.join(", ")))
@@ -194,13 +198,12 @@ impl State {
     /// The workers a request still avoids: a retry that has tried every worker may go back to
     /// one of them (once it is free) rather than wait for a worker that does not exist.
     fn still_excluded<'a>(&self, excluded: &'a [String]) -> &'a [String] {
-        if self.listed().all(|w| excluded.contains(&w.address)) { &[] } else { excluded }
+        if self.listed().all(|w| w.excluded_by(excluded)) { &[] } else { excluded }
     }
 
     /// Takes a healthy free worker not in `excluded`, if there is one.
     fn take_free(&mut self, excluded: &[String]) -> Option<Grant> {
-        let worker =
-            self.workers.iter_mut().find(|w| w.usable() && !excluded.contains(&w.address))?;
+        let worker = self.workers.iter_mut().find(|w| w.usable() && !w.excluded_by(excluded))?;
         worker.busy = true;
         Some(worker.grant())
     }
@@ -339,12 +342,12 @@ impl WorkerPool {
     /// Adds a worker (unchecked: it takes requests once a health check passes). Returns false
     /// when it is already present (a present worker named by the configuration becomes a
     /// configured one). Does no network I/O: the channel connects on first use.
-    pub fn add(&self, address: &str, origin: Origin) -> Result<bool, AddError> {
-        crate::config::check_worker_address(address).map_err(AddError::InvalidAddress)?;
+    pub fn add(&self, address: &WorkerAddress, origin: Origin) -> Result<bool, AddError> {
         let settings = self.channel_settings();
-        let channel = connect_lazy(address, settings)?;
+        let channel = connect_lazy(address, settings);
         let mut state = self.lock();
-        if let Some(present) = state.workers.iter_mut().find(|w| w.address == address && !w.removed)
+        if let Some(present) =
+            state.workers.iter_mut().find(|w| w.address == *address && !w.removed)
         {
             // The configuration adopts a worker added at run time, so that a later reload
             // that drops it from the file removes it.
@@ -361,7 +364,7 @@ impl WorkerPool {
         state.next_worker += 1;
         state.workers.push(WorkerEntry {
             id,
-            address: address.to_owned(),
+            address: address.clone(),
             channel,
             made_with: settings,
             renewed: 0,
@@ -519,7 +522,7 @@ impl WorkerPool {
                     Health::Unhealthy { failed_attempts, .. } => failed_attempts,
                     _ => 0,
                 };
-                (w.address.clone(), w.channel.clone(), failed)
+                (w.address.to_string(), w.channel.clone(), failed)
             })
             .collect()
     }
@@ -531,7 +534,7 @@ impl WorkerPool {
             .iter()
             .filter(|w| !w.removed)
             .map(|w| WorkerSnapshot {
-                address: w.address.clone(),
+                address: w.address.to_string(),
                 version: w.version.clone(),
                 health: w.health.clone(),
                 busy: w.busy,
@@ -543,7 +546,7 @@ impl WorkerPool {
     }
 
     /// The addresses of the workers added at run time, in the order they were added.
-    pub fn runtime_workers(&self) -> Vec<String> {
+    pub fn runtime_workers(&self) -> Vec<WorkerAddress> {
         self.lock()
             .workers
             .iter()
@@ -591,7 +594,7 @@ impl WorkerPool {
         self.lock()
             .workers
             .iter()
-            .map(|w| (w.address.clone(), w.renewed, w.made_with != current))
+            .map(|w| (w.address.to_string(), w.renewed, w.made_with != current))
             .collect()
     }
 
@@ -608,16 +611,16 @@ impl WorkerPool {
 }
 
 /// A channel to `address` made with `settings`; connects on first use.
-fn connect_lazy(address: &str, settings: ChannelSettings) -> Result<Channel, AddError> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|err| AddError::InvalidAddress(format!("`{address}`: {err}")))?
+fn connect_lazy(address: &WorkerAddress, settings: ChannelSettings) -> Channel {
+    address
+        .endpoint()
         .connect_timeout(settings.connect_timeout)
         .http2_keep_alive_interval(settings.keepalive_interval)
         .keep_alive_timeout(settings.keepalive_timeout)
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(16 << 20))
-        .initial_connection_window_size(Some(16 << 20));
-    Ok(endpoint.connect_lazy())
+        .initial_connection_window_size(Some(16 << 20))
+        .connect_lazy()
 }
 
 /// Gives an idle worker whose channel was made with other settings one made with `settings`;
@@ -627,7 +630,8 @@ fn renew_if_stale(worker: &mut WorkerEntry, settings: ChannelSettings) {
         return;
     }
     // The address was accepted when the worker was added.
-    if let Ok(channel) = connect_lazy(&worker.address, settings) {
+    {
+        let channel = connect_lazy(&worker.address, settings);
         worker.channel = channel;
         worker.made_with = settings;
         worker.renewed += 1;
@@ -640,7 +644,7 @@ fn dispatch(state: &mut State) {
     while index < state.waiters.len() {
         let excluded = &state.waiters[index].excluded;
         let Some(worker) =
-            state.workers.iter_mut().find(|w| w.usable() && !excluded.contains(&w.address))
+            state.workers.iter_mut().find(|w| w.usable() && !w.excluded_by(excluded))
         else {
             index += 1;
             continue;
@@ -704,6 +708,10 @@ mod tests {
 
     use super::*;
 
+    fn addr(address: &str) -> WorkerAddress {
+        address.parse().expect("a valid address")
+    }
+
     fn settings(connect_timeout: u64) -> ChannelSettings {
         ChannelSettings {
             connect_timeout: Duration::from_secs(connect_timeout),
@@ -715,27 +723,27 @@ mod tests {
     #[tokio::test]
     async fn max_workers_refuses_the_next_worker_and_counts_configured_and_runtime_alike() {
         let pool = WorkerPool::new(10, 2, settings(10));
-        assert!(pool.add("127.0.0.1:1", Origin::Config).expect("first"));
-        assert!(pool.add("127.0.0.1:2", Origin::Runtime).expect("second"));
+        assert!(pool.add(&addr("127.0.0.1:1"), Origin::Config).expect("first"));
+        assert!(pool.add(&addr("127.0.0.1:2"), Origin::Runtime).expect("second"));
         // Already present: no new worker, so no refusal either.
-        assert!(!pool.add("127.0.0.1:2", Origin::Config).expect("present"));
-        let err = pool.add("127.0.0.1:3", Origin::Runtime).expect_err("third");
+        assert!(!pool.add(&addr("127.0.0.1:2"), Origin::Config).expect("present"));
+        let err = pool.add(&addr("127.0.0.1:3"), Origin::Runtime).expect_err("third");
         assert!(matches!(err, AddError::Full(2)), "{err:?}");
         assert!(err.to_string().contains("raise max_workers"), "{err}");
         assert_eq!(pool.snapshot().len(), 2);
         // Room again once one is removed; a lowered bound keeps the present ones.
         assert!(pool.remove("127.0.0.1:1"));
-        assert!(pool.add("127.0.0.1:3", Origin::Runtime).expect("room again"));
+        assert!(pool.add(&addr("127.0.0.1:3"), Origin::Runtime).expect("room again"));
         pool.set_limits(10, 1, settings(10));
         assert_eq!(pool.snapshot().len(), 2);
-        assert!(matches!(pool.add("127.0.0.1:4", Origin::Runtime), Err(AddError::Full(1))));
+        assert!(matches!(pool.add(&addr("127.0.0.1:4"), Origin::Runtime), Err(AddError::Full(1))));
     }
 
     #[tokio::test]
     async fn a_reload_that_changes_connection_settings_renews_idle_workers_now_busy_ones_later() {
         let pool = WorkerPool::new(10, 8, settings(10));
         for address in ["127.0.0.1:1", "127.0.0.1:2"] {
-            pool.add(address, Origin::Config).expect("add");
+            pool.add(&addr(address), Origin::Config).expect("add");
             pool.set_health(address, Health::Healthy, None, Instant::now());
         }
         let lease = pool.acquire(&[], false).await.expect("lease");
@@ -767,7 +775,7 @@ mod tests {
     fn pool_of(max_queue: usize, workers: &[&str]) -> Arc<WorkerPool> {
         let pool = WorkerPool::new(max_queue, 8, settings(10));
         for &address in workers {
-            pool.add(address, Origin::Config).expect("add");
+            pool.add(&addr(address), Origin::Config).expect("add");
             healthy(&pool, address);
         }
         pool
@@ -959,11 +967,11 @@ mod tests {
         assert!(pool.snapshot().is_empty());
 
         // The same address added again is a new worker: each lease frees only its own.
-        assert!(pool.add(A, Origin::Runtime).expect("add"));
+        assert!(pool.add(&addr(A), Origin::Runtime).expect("add"));
         healthy(&pool, A);
         let old = leased(&mut waiting);
         assert!(pool.remove(A));
-        assert!(pool.add(A, Origin::Runtime).expect("add again"));
+        assert!(pool.add(&addr(A), Origin::Runtime).expect("add again"));
         healthy(&pool, A);
         drop(lease_now(&pool, &[], false));
         assert!(!busy(&pool, A), "the new worker's lease freed the removed one");
@@ -1014,7 +1022,7 @@ mod tests {
         let pool = WorkerPool::new(4, 8, settings(10));
         assert!(matches!(refused(&pool, &[], false), AcquireError::NoWorkers));
         for address in [A, B, C] {
-            pool.add(address, Origin::Config).expect("add");
+            pool.add(&addr(address), Origin::Config).expect("add");
         }
         unhealthy(&pool, B, "wrong proof type");
         healthy(&pool, C);
@@ -1035,8 +1043,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn with_every_worker_failed_a_request_is_refused_unless_a_recheck_is_due() {
         let pool = WorkerPool::new(4, 8, settings(10));
-        pool.add(A, Origin::Config).expect("add");
-        pool.add(B, Origin::Config).expect("add");
+        pool.add(&addr(A), Origin::Config).expect("add");
+        pool.add(&addr(B), Origin::Config).expect("add");
         unhealthy(&pool, A, "refused");
         unhealthy(&pool, B, "timed out");
         let err = refused(&pool, &[], false);

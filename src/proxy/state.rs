@@ -14,18 +14,18 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use super::pool::{Origin, WorkerPool};
-use crate::config::check_worker_address;
+use crate::config::WorkerAddress;
 
 const HEADER: &str =
     "# miden-prover-proxy: workers added at run time; the proxy rewrites this file";
 const END: &str = "# end";
 
 /// The file's text for `workers`.
-fn render(workers: &[String]) -> String {
+fn render(workers: &[WorkerAddress]) -> String {
     let mut text = String::from(HEADER);
     text.push('\n');
     for worker in workers {
-        text.push_str(worker);
+        text.push_str(worker.as_str());
         text.push('\n');
     }
     text.push_str(END);
@@ -34,7 +34,7 @@ fn render(workers: &[String]) -> String {
 }
 
 /// The workers a file lists, or what is wrong with it.
-fn parse(text: &str) -> Result<Vec<String>, String> {
+fn parse(text: &str) -> Result<Vec<WorkerAddress>, String> {
     let mut lines = text.lines();
     if lines.next() != Some(HEADER) {
         return Err("the first line is not the proxy's header".to_owned());
@@ -52,14 +52,13 @@ fn parse(text: &str) -> Result<Vec<String>, String> {
             }
             return Ok(workers);
         }
-        check_worker_address(line).map_err(|err| format!("line {number}: {err}"))?;
-        workers.push(line.to_owned());
+        workers.push(line.parse().map_err(|err| format!("line {number}: {err}"))?);
     }
     Err("it is cut short (no end line)".to_owned())
 }
 
 /// The workers saved at `path`; `Ok(None)` when there is no file yet.
-pub fn load(path: &Path) -> Result<Option<Vec<String>>, String> {
+pub fn load(path: &Path) -> Result<Option<Vec<WorkerAddress>>, String> {
     match std::fs::read(path) {
         Ok(bytes) => {
             let text = String::from_utf8(bytes).map_err(|_| "it is not UTF-8 text".to_owned())?;
@@ -72,7 +71,7 @@ pub fn load(path: &Path) -> Result<Option<Vec<String>>, String> {
 
 /// Replaces the file at `path` with `workers`, atomically: a reader (or a crash) sees the old
 /// list or the new one.
-pub fn save(path: &Path, workers: &[String]) -> std::io::Result<()> {
+pub fn save(path: &Path, workers: &[WorkerAddress]) -> std::io::Result<()> {
     let mut temporary = path.as_os_str().to_owned();
     temporary.push(".new");
     let temporary = PathBuf::from(temporary);
@@ -133,7 +132,7 @@ pub fn restore(pool: &WorkerPool, path: &Path) {
     }
     info!(
         file = %path.display(),
-        workers = %workers.join(", "),
+        workers = %workers.iter().map(WorkerAddress::as_str).collect::<Vec<_>>().join(", "),
         "restored {restored} workers added at run time"
     );
 }
@@ -177,7 +176,8 @@ mod tests {
     fn a_saved_list_reads_back_and_every_cut_of_it_is_damaged() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("workers");
-        let workers = vec!["127.0.0.1:50053".to_owned(), "[::1]:50054".to_owned()];
+        let workers: Vec<WorkerAddress> =
+            ["127.0.0.1:50053", "[::1]:50054"].map(|a| a.parse().expect("valid")).to_vec();
         save(&path, &workers).expect("save");
         assert_eq!(load(&path).expect("valid"), Some(workers.clone()));
         assert!(!dir.path().join("workers.new").exists());
@@ -185,7 +185,7 @@ mod tests {
         for cut in 0..text.len() {
             assert!(parse(&text[..cut]).is_err(), "a file cut at {cut} bytes read as a list");
         }
-        assert_eq!(parse(&render(&[])).expect("an empty list"), Vec::<String>::new());
+        assert!(parse(&render(&[])).expect("an empty list").is_empty());
         let bad = text.replace("[::1]:50054", "not an address");
         assert!(parse(&bad).expect_err("bad line").starts_with("line 3:"), "{bad}");
         assert!(parse(&format!("{text}more\n")).is_err());
