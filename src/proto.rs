@@ -26,6 +26,21 @@ impl From<ProofKind> for ProofType {
     }
 }
 
+/// A `proof_type` number the protocol does not define. The worker and the proxy both refuse it
+/// with `INVALID_ARGUMENT` (upstream proved it as a transaction).
+#[derive(Debug, thiserror::Error)]
+#[error("unknown proof_type {0}; expected 0 (TRANSACTION), 1 (BATCH) or 2 (BLOCK)")]
+pub struct UnknownProofType(pub i32);
+
+impl ProofKind {
+    /// The kind a request's `proof_type` field asks for.
+    pub fn from_wire(proof_type: i32) -> Result<ProofKind, UnknownProofType> {
+        ProofType::try_from(proof_type)
+            .map(ProofKind::from)
+            .map_err(|_| UnknownProofType(proof_type))
+    }
+}
+
 impl From<ProofType> for ProofKind {
     fn from(ty: ProofType) -> Self {
         match ty {

@@ -30,7 +30,7 @@ use crate::config::{Bounds, Limits};
 use crate::daemon::error_chain;
 use crate::proto::api_server::{Api, ApiServer};
 use crate::proto::worker_status_api_server::{WorkerStatusApi, WorkerStatusApiServer};
-use crate::proto::{self, ProofType};
+use crate::proto::{self, ProofType, UnknownProofType};
 use crate::share::{self, Found, Outcome, Served};
 use crate::{ProofKind, systemd, telemetry};
 
@@ -48,8 +48,8 @@ const SPARE_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     /// `proof_type` is not a number the protocol defines.
-    #[error("unknown proof_type {0}; expected 0 (TRANSACTION), 1 (BATCH) or 2 (BLOCK)")]
-    UnknownProofType(i32),
+    #[error(transparent)]
+    UnknownProofType(#[from] UnknownProofType),
     /// The request asks for a kind this worker does not prove.
     #[error(
         "this worker proves {served} requests only, not {requested}; send it to a {requested} worker"
@@ -246,9 +246,7 @@ impl Worker {
     /// Refuses a request of a proof type this worker does not serve, and any request once it is
     /// shutting down.
     fn check(&self, proof_type: i32) -> Result<(), WorkerError> {
-        let requested: ProofKind = ProofType::try_from(proof_type)
-            .map_err(|_| WorkerError::UnknownProofType(proof_type))?
-            .into();
+        let requested = ProofKind::from_wire(proof_type)?;
         Span::current().record("proof_type", requested.as_str());
         if requested != self.kind() {
             return Err(WorkerError::WrongProofType { requested, served: self.kind() });
