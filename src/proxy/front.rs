@@ -33,12 +33,13 @@ use pingora_core::server::ShutdownWatch;
 use pingora_http::ResponseHeader;
 use prost::Message;
 use tokio::net::{TcpListener, TcpStream};
-use tonic::Status;
 use tracing::{debug, warn};
 
 use super::bounds::{Reservation, Slot};
+use super::error::ProxyError;
 use super::proxy_protocol;
 use super::{Proxy, RequestMeta};
+use crate::config::ClientBounds;
 
 /// HTTP/2 flow-control window for streams and connections.
 const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
@@ -90,12 +91,7 @@ pub async fn serve(
         let (tcp, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(err) => {
-                // EMFILE and friends: the listener stays readable, so pause rather than spin.
-                if last_warning.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
-                    warn!(error = %err, "cannot accept connections; pausing accepts for 100 ms at a time");
-                    last_warning = Some(Instant::now());
-                }
-                tokio::time::sleep(ACCEPT_PAUSE).await;
+                pause_accepting(&err, &mut last_warning).await;
                 continue;
             }
         };
@@ -112,33 +108,56 @@ pub async fn serve(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let (front, shutdown) = (Arc::clone(&front), shutdown.clone());
-        connections.spawn(async move {
-            let (mut slot, mut tcp, mut peer) = (slot, tcp, peer);
-            if proxy_protocol {
-                match proxy_protocol::read_header(&mut tcp, bounds.handshake_timeout).await {
-                    Ok(proxy_protocol::Header::Forwarded(client)) => peer = client,
-                    Ok(proxy_protocol::Header::Local) => {}
-                    Err(err) => {
-                        debug!(%peer, "closing a connection from a trusted forwarder: {err}");
-                        return;
-                    }
-                }
-            }
-            let Some(h2) = handshake(&tcp, &mut slot, bounds.handshake_timeout).await else {
-                return;
-            };
-            let mut options = HttpServerOptions::default();
-            options.h2c = h2;
-            options.h2_idle_timeout = Some(bounds.idle_timeout);
-            let connection = Arc::new(Connection { front, peer, options, _slot: slot });
-            let stream: pingora_core::protocols::Stream =
-                Box::new(pingora_core::protocols::l4::stream::Stream::from(tcp));
-            pingora_core::apps::ServerApp::process_new(&connection, stream, &shutdown).await;
-        });
+        let accepted = Accepted { slot, tcp, peer, proxy_protocol, bounds };
+        connections.spawn(run_connection(Arc::clone(&front), accepted, shutdown.clone()));
     }
     drop(listener);
     while connections.join_next().await.is_some() {}
+}
+
+/// After an accept error (EMFILE and friends) the listener stays readable: pause rather than
+/// spin, with a warning every ten seconds at most.
+async fn pause_accepting(err: &std::io::Error, last_warning: &mut Option<Instant>) {
+    if last_warning.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
+        warn!(error = %err, "cannot accept connections; pausing accepts for 100 ms at a time");
+        *last_warning = Some(Instant::now());
+    }
+    tokio::time::sleep(ACCEPT_PAUSE).await;
+}
+
+/// A connection that has its place among the open connections.
+struct Accepted {
+    slot: Slot,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    /// Whether it begins with a PROXY protocol header (a trusted forwarder, the option on).
+    proxy_protocol: bool,
+    bounds: ClientBounds,
+}
+
+/// Serves one connection: its PROXY protocol header, its handshake, then Pingora's HTTP.
+async fn run_connection(front: Arc<Front>, accepted: Accepted, shutdown: ShutdownWatch) {
+    let Accepted { mut slot, mut tcp, mut peer, proxy_protocol, bounds } = accepted;
+    if proxy_protocol {
+        match proxy_protocol::read_header(&mut tcp, bounds.handshake_timeout).await {
+            Ok(proxy_protocol::Header::Forwarded(client)) => peer = client,
+            Ok(proxy_protocol::Header::Local) => {}
+            Err(err) => {
+                debug!(%peer, "closing a connection from a trusted forwarder: {err}");
+                return;
+            }
+        }
+    }
+    let Some(h2) = handshake(&tcp, &mut slot, bounds.handshake_timeout).await else {
+        return;
+    };
+    let mut options = HttpServerOptions::default();
+    options.h2c = h2;
+    options.h2_idle_timeout = Some(bounds.idle_timeout);
+    let connection = Arc::new(Connection { front, peer, options, _slot: slot });
+    let stream: pingora_core::protocols::Stream =
+        Box::new(pingora_core::protocols::l4::stream::Stream::from(tcp));
+    pingora_core::apps::ServerApp::process_new(&connection, stream, &shutdown).await;
 }
 
 /// Waits until a connection shows its protocol: `Some(true)` for the HTTP/2 preface,
@@ -265,65 +284,49 @@ impl Connection {
         }
         let web = content_type.starts_with("application/grpc-web");
         if content_type.starts_with("application/grpc-web-text") {
-            let status = Status::unimplemented(
-                "grpc-web-text is not supported; use application/grpc-web+proto",
-            );
-            return respond(session, true, Err(status)).await;
+            return respond(session, true, Err(ProxyError::GrpcWebText)).await;
         }
         if !content_type.starts_with("application/grpc") {
             return plain_status(session, 415, "expected a gRPC or gRPC-web request\n").await;
         }
+        if path == "/remote_prover.Api/Prove" {
+            self.prove_call(session, web).await
+        } else {
+            self.small_call(session, web, &path).await
+        }
+    }
+
+    /// Answers a `Prove` call: admitted from its headers, then from its gRPC prefix, then
+    /// proved; the answer is written unless the client reset the stream meanwhile.
+    async fn prove_call(&self, session: &mut ServerSession, web: bool) -> bool {
         let proxy = &self.front.proxy;
         let bounds = proxy.live().client_bounds;
-        if path != "/remote_prover.Api/Prove" {
-            // Status and health calls: small messages, no budget.
-            let message =
-                read_message(session, SMALL_MESSAGE, bounds.request_timeout, |_| Ok(None));
-            let answer = match message.await {
-                Ok(_) => self.small_call(&path),
-                Err(status) => Err(status),
-            };
-            return respond(session, web, answer).await;
-        }
-        let meta = RequestMeta {
-            traceparent: text_header(session, "traceparent"),
-            tracestate: text_header(session, "tracestate"),
-            request_id: text_header(session, "x-request-id"),
-            deadline: text_header(session, "grpc-timeout")
-                .and_then(|value| grpc_timeout(&value))
-                .and_then(|timeout| std::time::Instant::now().checked_add(answer_within(timeout))),
-        };
+        let meta = request_meta(session);
         let forwarded_for = session
             .get_header("x-forwarded-for")
             .filter(|v| v.len() <= MAX_META_HEADER)
             .and_then(|v| v.to_str().ok());
         let client = proxy.client_address(self.peer.ip(), forwarded_for);
         // From the headers alone: rate limit and queue room, then whether the proxy takes
-        // requests at all.
-        if let Err(status) = proxy.admit_call(client) {
-            return refuse_unread(session, web, status).await;
+        // requests at all. The admission is held until the answer is written: a stopping proxy
+        // waits for it.
+        if let Err(err) = proxy.admit_call(client) {
+            return refuse_unread(session, web, err).await;
         }
-        // Held until the answer is written: a stopping proxy waits for it.
         let admission = match proxy.pool().admit() {
             Ok(admission) => admission,
-            Err(err) => {
-                return refuse_unread(session, web, Status::unavailable(err.to_string())).await;
-            }
+            Err(err) => return refuse_unread(session, web, err.into()).await,
         };
         let key = proxy.client_key(client);
         let budget = Arc::clone(proxy.budget());
-        let reserve = |bytes| {
-            budget
-                .reserve(key, bytes, &bounds)
-                .map(Some)
-                .map_err(|over| Status::resource_exhausted(over.to_string()))
-        };
+        let reserve =
+            |bytes| -> Result<_, ProxyError> { Ok(Some(budget.reserve(key, bytes, &bounds)?)) };
         let (message, reservation) =
             match read_message(session, bounds.max_request_size, bounds.request_timeout, reserve)
                 .await
             {
                 Ok(read) => read,
-                Err(status) => return refuse_unread(session, web, status).await,
+                Err(err) => return refuse_unread(session, web, err).await,
             };
         let prove = proxy.prove(message, Some(client), meta);
         let answer = if let Some(closed) = session.watch_h2_stream_close() {
@@ -341,8 +344,16 @@ impl Connection {
         written
     }
 
+    /// Answers a status or health call (or an unknown method): small messages, no budget.
+    async fn small_call(&self, session: &mut ServerSession, web: bool, path: &str) -> bool {
+        let timeout = self.front.proxy.live().client_bounds.request_timeout;
+        let message = read_message(session, SMALL_MESSAGE, timeout, |_| Ok(None)).await;
+        let answer = message.and_then(|_| self.small_answer(path));
+        respond(session, web, answer).await
+    }
+
     /// The answer to a status or health call (or to an unknown method).
-    fn small_call(&self, path: &str) -> Result<Bytes, Status> {
+    fn small_answer(&self, path: &str) -> Result<Bytes, ProxyError> {
         let proxy = &self.front.proxy;
         match path {
             "/remote_prover.ProxyStatusApi/Status" => Ok(proxy.status().encode_to_vec().into()),
@@ -355,8 +366,20 @@ impl Connection {
                     .encode_to_vec()
                     .into())
             }
-            _ => Err(Status::unimplemented(format!("unknown method {path}"))),
+            _ => Err(ProxyError::UnknownMethod(path.to_owned())),
         }
+    }
+}
+
+/// The trace headers and deadline a `Prove` call brings.
+fn request_meta(session: &ServerSession) -> RequestMeta {
+    RequestMeta {
+        traceparent: text_header(session, "traceparent"),
+        tracestate: text_header(session, "tracestate"),
+        request_id: text_header(session, "x-request-id"),
+        deadline: text_header(session, "grpc-timeout")
+            .and_then(|value| grpc_timeout(&value))
+            .and_then(|timeout| std::time::Instant::now().checked_add(answer_within(timeout))),
     }
 }
 
@@ -365,9 +388,9 @@ const SMALL_MESSAGE: usize = 64 * 1024;
 
 /// Answers a call whose body was not (wholly) read; an HTTP/1 connection is then closed, as
 /// what is left of the body would read as the next request.
-async fn refuse_unread(session: &mut ServerSession, web: bool, status: Status) -> bool {
+async fn refuse_unread(session: &mut ServerSession, web: bool, err: ProxyError) -> bool {
     session.set_keepalive(None);
-    respond(session, web, Err(status)).await;
+    respond(session, web, Err(err)).await;
     false
 }
 
@@ -423,13 +446,8 @@ async fn read_message(
     session: &mut ServerSession,
     max: usize,
     timeout: Duration,
-    mut reserve: impl FnMut(usize) -> Result<Option<Reservation>, Status>,
-) -> Result<(Bytes, Option<Reservation>), Status> {
-    let too_large = |len: usize| {
-        Status::out_of_range(format!(
-            "the request announces {len} bytes; this proxy takes at most {max} (max_request_size)"
-        ))
-    };
+    reserve: impl FnMut(usize) -> Result<Option<Reservation>, ProxyError>,
+) -> Result<(Bytes, Option<Reservation>), ProxyError> {
     let content_length = session
         .req_header()
         .headers
@@ -439,64 +457,53 @@ async fn read_message(
     if let Some(length) = content_length
         && length > max + 5
     {
-        return Err(too_large(length.saturating_sub(5)));
+        return Err(ProxyError::TooLarge { len: length.saturating_sub(5), max });
     }
-    let read = async {
-        let mut body = BytesMut::new();
-        let mut announced = None;
-        let mut reservation = None;
-        loop {
-            let chunk = match session.read_request_body().await {
-                Ok(Some(chunk)) => chunk,
-                Ok(None) => break,
-                Err(err) => {
-                    return Err(Status::cancelled(format!("reading the request failed: {err}")));
-                }
-            };
-            if body.len() + chunk.len() > 5 + announced.unwrap_or(max) {
-                return Err(match announced {
-                    Some(len) => Status::invalid_argument(format!(
-                        "the request holds more than the {len} bytes its gRPC frame announces"
-                    )),
-                    None => too_large(body.len() + chunk.len() - 5),
-                });
+    tokio::time::timeout(timeout, read_body(session, max, reserve))
+        .await
+        .unwrap_or_else(|_| Err(ProxyError::BodyTimeout(timeout)))
+}
+
+/// The reading of [`read_message`], without its time limit.
+async fn read_body(
+    session: &mut ServerSession,
+    max: usize,
+    mut reserve: impl FnMut(usize) -> Result<Option<Reservation>, ProxyError>,
+) -> Result<(Bytes, Option<Reservation>), ProxyError> {
+    let mut body = BytesMut::new();
+    let mut announced = None;
+    let mut reservation = None;
+    while let Some(chunk) = session.read_request_body().await.map_err(ProxyError::ReadBody)? {
+        if body.len() + chunk.len() > 5 + announced.unwrap_or(max) {
+            return Err(match announced {
+                Some(len) => ProxyError::FrameOverrun(len),
+                None => ProxyError::TooLarge { len: body.len() + chunk.len() - 5, max },
+            });
+        }
+        body.extend_from_slice(&chunk);
+        if announced.is_none() && body.len() >= 5 {
+            if body[0] != 0 {
+                return Err(ProxyError::Compressed);
             }
-            body.extend_from_slice(&chunk);
-            if announced.is_none() && body.len() >= 5 {
-                if body[0] != 0 {
-                    return Err(Status::unimplemented("compressed requests are not supported"));
-                }
-                let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
-                if len > max {
-                    return Err(too_large(len));
-                }
-                reservation = reserve(len)?;
-                body.reserve(5 + len - body.len());
-                announced = Some(len);
-                if body.len() > 5 + len {
-                    return Err(Status::invalid_argument(format!(
-                        "the request holds more than the {len} bytes its gRPC frame announces"
-                    )));
-                }
+            let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+            if len > max {
+                return Err(ProxyError::TooLarge { len, max });
+            }
+            reservation = reserve(len)?;
+            body.reserve(5 + len - body.len());
+            announced = Some(len);
+            if body.len() > 5 + len {
+                return Err(ProxyError::FrameOverrun(len));
             }
         }
-        let Some(len) = announced else {
-            return Err(Status::invalid_argument("the request has no gRPC message frame"));
-        };
-        if body.len() != 5 + len {
-            return Err(Status::invalid_argument(format!(
-                "the gRPC frame announces {len} bytes but {} arrived",
-                body.len() - 5
-            )));
-        }
-        Ok((body.freeze().slice(5..), reservation))
+    }
+    let Some(len) = announced else {
+        return Err(ProxyError::NoFrame);
     };
-    tokio::time::timeout(timeout, read).await.unwrap_or_else(|_| {
-        Err(Status::deadline_exceeded(format!(
-            "the request's body did not arrive whole within {} (request_timeout)",
-            humantime::format_duration(timeout)
-        )))
-    })
+    if body.len() != 5 + len {
+        return Err(ProxyError::FrameShort { announced: len, arrived: body.len() - 5 });
+    }
+    Ok((body.freeze().slice(5..), reservation))
 }
 
 /// The 5-byte gRPC message prefix: flag, big-endian length.
@@ -508,10 +515,17 @@ fn prefix(flag: u8, data: &[u8]) -> [u8; 5] {
 
 /// Writes a gRPC answer: data frame and `grpc-status` trailers (HTTP/2), or for gRPC-web the data
 /// frame and a trailer frame in the body.
-async fn respond(session: &mut ServerSession, web: bool, answer: Result<Bytes, Status>) -> bool {
+async fn respond(
+    session: &mut ServerSession,
+    web: bool,
+    answer: Result<Bytes, ProxyError>,
+) -> bool {
     let (code, message, data) = match answer {
         Ok(data) => (0, String::new(), Some(data)),
-        Err(status) => (status.code() as i32, status.message().to_owned(), None),
+        Err(err) => {
+            let status = err.into_status();
+            (status.code() as i32, status.message().to_owned(), None)
+        }
     };
     let write = async {
         let mut header = ResponseHeader::build(200, None)?;

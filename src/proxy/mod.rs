@@ -12,6 +12,8 @@
 //! checks workers in the background; [`metrics`] counts.
 
 pub mod bounds;
+mod codes;
+pub mod error;
 pub mod forward;
 pub mod front;
 pub mod health;
@@ -19,26 +21,23 @@ pub mod limit;
 pub mod metrics;
 pub mod poison;
 pub mod pool;
+mod prove;
 pub mod proxy_protocol;
 pub mod state;
+
+pub use self::error::ProxyError;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use tonic::{Code, Status};
-use tracing::{Instrument, info, info_span, warn};
-
 use self::metrics::Metrics;
-use self::pool::{AcquireError, Health, Origin, WorkerPool};
+use self::pool::{Health, Origin, WorkerPool};
 use crate::ProofKind;
 use crate::config::{ClientBounds, ProxySettings};
 use crate::proto::{self, ProofType};
-use crate::share::{self, Served};
-use crate::telemetry;
-use crate::worker::BUSY_MESSAGE;
+use crate::share;
 
 /// Settings a reload may change while requests run.
 #[derive(Clone, Debug)]
@@ -209,31 +208,6 @@ impl Proxy {
         &self.budget
     }
 
-    /// What a `Prove` call's headers decide, before its body is read: the client's rate limit
-    /// and room in the queue.
-    pub fn admit_call(&self, client: IpAddr) -> Result<(), Status> {
-        let live = self.live();
-        let key = limit::RateLimiter::key(client, live.rate_limit_ipv6_prefix);
-        if !self.limiter.allow(key, live.max_req_per_sec) {
-            self.metrics.rate_limited.inc();
-            let who = if key.is_ipv6() {
-                format!("{key}/{}", live.rate_limit_ipv6_prefix)
-            } else {
-                key.to_string()
-            };
-            return Err(Status::resource_exhausted(format!(
-                "Too many requests from {who}: the limit is {} per second per client IP",
-                live.max_req_per_sec
-            )));
-        }
-        let (queued, max) = self.pool.queue();
-        if queued > 0 && queued >= max {
-            self.metrics.queue_drops.inc();
-            return Err(acquire_status(&AcquireError::QueueFull));
-        }
-        Ok(())
-    }
-
     /// Drops idle rate-limit buckets; the daemon calls it every [`limit::PRUNE_INTERVAL`].
     pub fn prune_limiter(&self) {
         self.limiter.prune();
@@ -269,312 +243,6 @@ impl Proxy {
             .set(count(&|w| matches!(w.health, Health::Unhealthy { .. })));
         self.metrics.workers_busy.set(count(&|w| w.busy));
         self.metrics.queue_size.set(i64::try_from(self.pool.queue().0).unwrap_or(i64::MAX));
-    }
-
-    /// Proves one request on some worker: the whole proxy path of a `Prove` call.
-    /// `message` is the encoded `ProofRequest`; the answer is the worker's encoded `Proof`.
-    pub async fn prove(
-        self: &Arc<Self>,
-        message: Bytes,
-        client: Option<IpAddr>,
-        meta: RequestMeta,
-    ) -> Result<Bytes, Status> {
-        let started = Instant::now();
-        let span = info_span!(
-            "proxy_prove",
-            client = client.map(|ip| ip.to_string()).unwrap_or_default(),
-            request_id = meta.request_id.clone().unwrap_or_default()
-        );
-        telemetry::continue_trace_from(
-            &span,
-            meta.traceparent.as_deref(),
-            meta.tracestate.as_deref(),
-        );
-        let proving = self.prove_inner(message, client, &meta).instrument(span.clone());
-        let result = match meta.deadline {
-            None => proving.await,
-            Some(deadline) => tokio::time::timeout_at(deadline.into(), proving)
-                .await
-                .unwrap_or_else(|_| Err(self.deadline_status())),
-        };
-        let code = match &result {
-            Ok(_) => Code::Ok,
-            Err(status) => status.code(),
-        };
-        let result = result.map(|(proof, how)| (proof, how.as_str()));
-        self.served.fetch_add(1, Ordering::Relaxed);
-        self.metrics.requests.with_label_values(&[self.kind.as_str(), code_name(code)]).inc();
-        self.metrics
-            .request_duration
-            .with_label_values(&[self.kind.as_str()])
-            .observe(started.elapsed().as_secs_f64());
-        self.update_gauges();
-        span.in_scope(|| match &result {
-            Ok((_, how)) => {
-                info!(outcome = how, duration_ms = started.elapsed().as_millis(), "request done");
-            }
-            Err(status) => info!(
-                outcome = code_name(code),
-                duration_ms = started.elapsed().as_millis(),
-                error = status.message(),
-                "request failed"
-            ),
-        });
-        result.map(|(proof, _)| proof)
-    }
-
-    /// The answer to a client whose own deadline (`grpc-timeout`) passed first.
-    fn deadline_status(&self) -> Status {
-        let kept = self.proofs.limits();
-        if kept.keeps() {
-            Status::deadline_exceeded(format!(
-                "the client's deadline (grpc-timeout) passed before the proof was ready; a proof \
-                 a worker started runs on and is kept for {}: send the same request again to \
-                 receive it (or allow more time)",
-                humantime::format_duration(kept.ttl)
-            ))
-        } else {
-            Status::deadline_exceeded(
-                "the client's deadline (grpc-timeout) passed before the proof was ready; allow \
-                 more time",
-            )
-        }
-    }
-
-    /// Admission checks, then the proof: kept, running (joined) or computed here.
-    async fn prove_inner(
-        self: &Arc<Self>,
-        message: Bytes,
-        client: Option<IpAddr>,
-        meta: &RequestMeta,
-    ) -> Result<(Bytes, Served), Status> {
-        let live = self.live();
-        let request =
-            <forward::RequestHead as prost::Message>::decode(message.as_ref()).map_err(|err| {
-                Status::invalid_argument(format!("the request does not decode: {err}"))
-            })?;
-        let requested = ProofType::try_from(request.proof_type).map_err(|_| {
-            Status::invalid_argument(format!(
-                "unknown proof_type {}; expected 0 (TRANSACTION), 1 (BATCH) or 2 (BLOCK)",
-                request.proof_type
-            ))
-        })?;
-        if ProofKind::from(requested) != self.kind {
-            return Err(Status::unimplemented(format!(
-                "this proxy serves {} requests only, not {}",
-                self.kind,
-                ProofKind::from(requested)
-            )));
-        }
-
-        let key = poison::digest(&message);
-        loop {
-            // Checked on every round: a waiter whose leader's workers died may lead next.
-            if live.poison_ttl > Duration::ZERO
-                && self.poison.in_use()
-                && let Some(deaths) = self.poison.refused(&key, live.poison_ttl)
-            {
-                self.metrics.poison_refused.inc();
-                warn!(
-                    client = client.map(|ip| ip.to_string()).unwrap_or_default(),
-                    "refused a request whose content took down {deaths} workers"
-                );
-                return Err(poison_status(deaths, live.poison_ttl));
-            }
-            match self.proofs.find(&key) {
-                share::Found::Cached(proof) => {
-                    self.metrics.cache_hits.inc();
-                    return Ok((proof, Served::Cached));
-                }
-                share::Found::Running(waiter) => {
-                    self.metrics.cache_joins.inc();
-                    info!("an identical request is being proved: waiting for its proof");
-                    match waiter.outcome().await {
-                        share::Outcome::Proof(proof) => return Ok((proof, Served::Joined)),
-                        share::Outcome::Final(status) => return Err(status),
-                        share::Outcome::Retry(status) => {
-                            info!(
-                                error = status.message(),
-                                "the identical request's proof failed; trying again"
-                            );
-                        }
-                    }
-                }
-                share::Found::New(waiter) => {
-                    self.metrics.cache_misses.inc();
-                    // A client that leaves does not stop the attempts (unless the cache is off
-                    // or no worker has the request yet, and nobody else waits): they move to a
-                    // task of their own, and their proof is kept for the retry that very likely
-                    // follows.
-                    let landing = share::Landing::new(Arc::clone(self), key, &waiter);
-                    // `live` moves: this branch ends the loop.
-                    let (message, meta) = (message.clone(), meta.clone());
-                    let attempt = async move {
-                        let outcome = landing
-                            .holder()
-                            .attempts(&message, client, &meta, &live, &key, landing.flight())
-                            .await;
-                        landing.land(outcome);
-                    }
-                    .instrument(tracing::Span::current());
-                    let mut leader = share::Leader::new(waiter, attempt);
-                    return match leader.outcome().await {
-                        share::Outcome::Proof(proof) => Ok((proof, Served::Proved)),
-                        share::Outcome::Final(status) | share::Outcome::Retry(status) => {
-                            Err(status)
-                        }
-                    };
-                }
-            }
-        }
-    }
-
-    /// The attempt loop: a worker from the queue, the call, and what each failure means. Without
-    /// a proof, the outcome says whether another try may do better (`Retry`: workers failed) or
-    /// is the answer for every identical request (`Final`).
-    // One linear story of the attempts and their outcomes.
-    #[allow(clippy::too_many_lines)]
-    async fn attempts(
-        &self,
-        message: &Bytes,
-        client: Option<IpAddr>,
-        meta: &RequestMeta,
-        live: &LiveSettings,
-        key: &poison::Digest,
-        flight: &share::Flight,
-    ) -> share::Outcome {
-        let mut excluded: Vec<String> = Vec::new();
-        let attempts = 1 + live.max_retries_per_request;
-        let mut last_failure = String::new();
-        // Workers that died under this request (not: could not be reached).
-        let mut deaths = 0;
-        for attempt in 1..=attempts {
-            let queued = Instant::now();
-            self.update_gauges();
-            let lease = match tokio::time::timeout(
-                live.max_queue_wait,
-                self.pool.acquire(&excluded, attempt > 1),
-            )
-            .await
-            {
-                Ok(Ok(lease)) => lease,
-                Ok(Err(AcquireError::QueueFull)) => {
-                    self.metrics.queue_drops.inc();
-                    return share::Outcome::of(acquire_status(&AcquireError::QueueFull));
-                }
-                Ok(Err(err)) => return share::Outcome::of(acquire_status(&err)),
-                Err(_) if attempt > 1 => {
-                    return share::Outcome::Retry(Status::unavailable(format!(
-                        "no other worker became free within {:?} to retry on after: {last_failure}",
-                        live.max_queue_wait
-                    )));
-                }
-                Err(_) => {
-                    return share::Outcome::Retry(Status::unavailable(format!(
-                        "no healthy worker became free within {:?} (max_queue_wait)",
-                        live.max_queue_wait
-                    )));
-                }
-            };
-            flight.start();
-            self.metrics.queue_wait.observe(queued.elapsed().as_secs_f64());
-            self.metrics.worker_requests.with_label_values(&[lease.address()]).inc();
-            self.update_gauges();
-
-            // The worker's trace parent: this attempt's span when this proxy exports traces
-            // (client → proxy_prove → proxy_attempt → the worker's prove); otherwise (no
-            // exporter, or a log filter that disables info spans) the client's own context,
-            // passed on, so the worker's span still joins the client's trace.
-            let attempt_span = info_span!("proxy_attempt", attempt, worker = lease.address());
-            let exported = telemetry::trace_headers(&attempt_span);
-            let (traceparent, tracestate) = match exported.get("traceparent") {
-                Some(own) => (Some(own.clone()), exported.get("tracestate").cloned()),
-                None => (meta.traceparent.clone(), meta.tracestate.clone()),
-            };
-            // No `grpc-timeout` header: tonic answers an expired one with CANCELLED, which reads
-            // as a worker gone. The proxy keeps the time itself, and an attempt it gives up is
-            // dropped, which makes the worker kill that proof's prover process.
-            let mut call = tonic::Request::new(message.clone());
-            for (key, value) in [
-                ("traceparent", &traceparent),
-                ("tracestate", &tracestate),
-                ("x-request-id", &meta.request_id),
-            ] {
-                if let Some(value) = value.as_deref().and_then(|v| v.parse().ok()) {
-                    call.metadata_mut().insert(key, value);
-                }
-            }
-            let channel = lease.channel();
-            let in_flight = InFlight(Some(lease));
-            let answer = tokio::time::timeout(
-                live.timeout,
-                forward::prove(channel, call).instrument(attempt_span.clone()),
-            )
-            .await;
-            let lease = in_flight.landed();
-            let (failure, status) = match answer {
-                Ok(Ok(proof)) => return share::Outcome::Proof(proof.into_inner()),
-                Ok(Err(status)) => (classify(&status), status),
-                Err(_elapsed) => (Failure::TimedOut, Status::deadline_exceeded("")),
-            };
-            match failure {
-                Failure::PassThrough => return share::Outcome::Final(status),
-                Failure::Busy => {
-                    last_failure = format!("worker {} is busy", lease.address());
-                }
-                Failure::WorkerDown if forward::never_sent(&status) => {
-                    last_failure =
-                        format!("worker {} is unreachable: {}", lease.address(), status.message());
-                    self.pool.mark_failed(lease.address(), status.message().to_owned());
-                }
-                Failure::WorkerDown => {
-                    last_failure =
-                        format!("worker {} failed: {}", lease.address(), status.message());
-                    self.pool.mark_failed(lease.address(), status.message().to_owned());
-                    deaths += 1;
-                    if live.poison_ttl > Duration::ZERO {
-                        let took = self.poison.record(*key, live.poison_ttl);
-                        if took >= poison::REFUSE_AFTER {
-                            warn!(
-                                client = client.map(|ip| ip.to_string()).unwrap_or_default(),
-                                "a request's content took down {took} workers; it is refused \
-                                 for {:?} (poison_ttl)",
-                                live.poison_ttl
-                            );
-                            return share::Outcome::Final(poison_status(took, live.poison_ttl));
-                        }
-                    }
-                    if deaths >= poison::REFUSE_AFTER {
-                        // Final: a waiter trying again would take two more workers with it.
-                        return share::Outcome::Final(Status::unavailable(format!(
-                            "{deaths} workers died under this request; it is not sent to a \
-                             third: {last_failure}"
-                        )));
-                    }
-                }
-                Failure::TimedOut => {
-                    // The worker is still proving: keep it leased until it says it is idle,
-                    // so no other request is sent to a busy worker.
-                    hold_until_idle(lease);
-                    return share::Outcome::Final(Status::deadline_exceeded(format!(
-                        "the worker did not answer within {:?} (the proxy's `timeout`; \
-                             raise it if proofs take longer)",
-                        live.timeout
-                    )));
-                }
-            }
-            attempt_span.in_scope(|| {
-                warn!(attempts, failure = %last_failure, "attempt failed");
-            });
-            excluded.push(lease.address().to_owned());
-            drop(lease);
-            if attempt < attempts {
-                self.metrics.retries.inc();
-            }
-        }
-        share::Outcome::Retry(Status::unavailable(format!(
-            "all {attempts} attempts failed; the last: {last_failure}"
-        )))
     }
 
     /// The answer to `ProxyStatusApi/Status`, on the public port: without the workers'
@@ -673,121 +341,5 @@ fn channel_settings(settings: &ProxySettings) -> pool::ChannelSettings {
         connect_timeout: settings.connection_timeout,
         keepalive_interval: settings.health_check_interval,
         keepalive_timeout: settings.health_check_timeout,
-    }
-}
-
-enum Failure {
-    /// The worker's own verdict on the request (proving error, bad payload): the client's answer.
-    PassThrough,
-    /// Someone else's proof runs there: try another worker.
-    Busy,
-    /// Unreachable, reset or died mid-proof: mark it and try another worker.
-    WorkerDown,
-    /// Our per-attempt timeout.
-    TimedOut,
-}
-
-fn classify(status: &Status) -> Failure {
-    match status.code() {
-        // Only "busy" means someone else's proof: RESOURCE_EXHAUSTED also says that this input
-        // hit a limit of the worker's prover process (memory, time, stack), and another worker
-        // would spend the same on it.
-        Code::ResourceExhausted if status.message() == BUSY_MESSAGE => Failure::Busy,
-        // The worker's own request_timeout: the upload to it stalled.
-        Code::Unavailable
-        | Code::Unknown
-        | Code::Cancelled
-        | Code::Aborted
-        | Code::DeadlineExceeded => Failure::WorkerDown,
-        _ => Failure::PassThrough,
-    }
-}
-
-/// The lease of a worker that has the request. When the attempt is dropped before the answer
-/// (the client went away), the worker kills that proof's prover process and is idle within
-/// milliseconds; the lease is held until the worker says so (a worker of an older version may
-/// go on proving), not released to the next request at once.
-struct InFlight(Option<pool::Lease>);
-
-impl InFlight {
-    /// The answer (or the proxy's timeout) came: the caller decides what becomes of the lease.
-    fn landed(mut self) -> pool::Lease {
-        self.0.take().expect("an InFlight holds its lease until it lands")
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if let Some(lease) = self.0.take() {
-            info!(
-                worker = lease.address(),
-                "the client went away mid-proof; the worker stays leased until it is idle"
-            );
-            hold_until_idle(lease);
-        }
-    }
-}
-
-/// Keeps a worker that may still be proving leased until its `WorkerStatus` says it is idle
-/// (checked ten times a second; however long the proof takes, as the worker would refuse anything
-/// else meanwhile) or stops answering (the health checks take it from there), so the proxy
-/// never sends a second proof to a busy worker.
-fn hold_until_idle(lease: pool::Lease) {
-    // Without a runtime (the proxy is shutting down) there is nobody left to send to it.
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-    runtime.spawn(async move {
-        let mut status =
-            crate::proto::worker_status_api_client::WorkerStatusApiClient::new(lease.channel());
-        loop {
-            match tokio::time::timeout(Duration::from_secs(10), status.status(())).await {
-                Ok(Ok(answer)) if answer.get_ref().busy => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                _ => break,
-            }
-        }
-        drop(lease);
-    });
-}
-
-/// The answer to content that took down `deaths` workers.
-fn poison_status(deaths: u32, ttl: Duration) -> Status {
-    Status::internal(format!(
-        "this request's content took down {deaths} workers; it is refused for {} after the last \
-         (poison_ttl) without reaching a worker. Check the input: the workers' logs name how \
-         their prover processes ended",
-        humantime::format_duration(ttl)
-    ))
-}
-
-fn acquire_status(err: &AcquireError) -> Status {
-    match err {
-        AcquireError::QueueFull => Status::resource_exhausted(err.to_string()),
-        AcquireError::NoWorkers
-        | AcquireError::NoHealthyWorkers(_)
-        | AcquireError::ShuttingDown => Status::unavailable(err.to_string()),
-    }
-}
-
-/// Lower-case gRPC code name for metrics and logs.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "ok",
-        Code::Cancelled => "cancelled",
-        Code::Unknown => "unknown",
-        Code::InvalidArgument => "invalid_argument",
-        Code::DeadlineExceeded => "deadline_exceeded",
-        Code::NotFound => "not_found",
-        Code::AlreadyExists => "already_exists",
-        Code::PermissionDenied => "permission_denied",
-        Code::ResourceExhausted => "resource_exhausted",
-        Code::FailedPrecondition => "failed_precondition",
-        Code::Aborted => "aborted",
-        Code::OutOfRange => "out_of_range",
-        Code::Unimplemented => "unimplemented",
-        Code::Internal => "internal",
-        Code::Unavailable => "unavailable",
-        Code::DataLoss => "data_loss",
-        Code::Unauthenticated => "unauthenticated",
     }
 }
