@@ -10,6 +10,10 @@
 //! a request being proved waits for that proof, and finished proofs are kept for a while, so no
 //! input is proved twice; a proof a worker has taken runs on when its client leaves. [`health`]
 //! checks workers in the background; [`metrics`] counts.
+//!
+//! The `Prove` path is in `prove.rs`; every answer that is not a proof is a [`ProxyError`] and
+//! becomes a gRPC status in one place, [`ProxyError::into_status`]. What the proxy says about
+//! itself (status pages, `STATUS=`, gauges) is in `status.rs`; this module keeps the shared state.
 
 pub mod bounds;
 mod codes;
