@@ -533,17 +533,7 @@ async fn respond(
             header.insert_header("content-type", "application/grpc-web+proto")?;
             header.insert_header("access-control-allow-origin", "*")?;
             header.insert_header("access-control-expose-headers", "grpc-status,grpc-message")?;
-            let mut body = BytesMut::new();
-            if let Some(data) = &data {
-                body.extend_from_slice(&prefix(0, data));
-                body.extend_from_slice(data);
-            }
-            let mut trailers = format!("grpc-status:{code}\r\n");
-            if !message.is_empty() {
-                let _ = write!(trailers, "grpc-message:{}\r\n", percent_encode(&message));
-            }
-            body.extend_from_slice(&prefix(0x80, trailers.as_bytes()));
-            body.extend_from_slice(trailers.as_bytes());
+            let body = web_body(data.as_ref(), code, &message);
             header.insert_header("content-length", body.len().to_string())?;
             session.write_response_header(Box::new(header)).await?;
             session.write_response_body(body.freeze(), true).await?;
@@ -575,6 +565,22 @@ async fn respond(
             false
         }
     }
+}
+
+/// A gRPC-web answer's body: the data frame, if any, then the trailers as a frame of their own.
+fn web_body(data: Option<&Bytes>, code: i32, message: &str) -> BytesMut {
+    let mut body = BytesMut::new();
+    if let Some(data) = data {
+        body.extend_from_slice(&prefix(0, data));
+        body.extend_from_slice(data);
+    }
+    let mut trailers = format!("grpc-status:{code}\r\n");
+    if !message.is_empty() {
+        let _ = write!(trailers, "grpc-message:{}\r\n", percent_encode(message));
+    }
+    body.extend_from_slice(&prefix(0x80, trailers.as_bytes()));
+    body.extend_from_slice(trailers.as_bytes());
+    body
 }
 
 /// Percent-encodes a `grpc-message` (the gRPC spec: everything outside printable ASCII and `%`).
