@@ -26,6 +26,15 @@ impl ProofKind {
             ProofKind::Block => "block",
         }
     }
+
+    /// Capitalised, as the original service spells it in its status document and messages.
+    pub fn upstream_name(self) -> &'static str {
+        match self {
+            ProofKind::Transaction => "Transaction",
+            ProofKind::Batch => "Batch",
+            ProofKind::Block => "Block",
+        }
+    }
 }
 
 impl fmt::Display for ProofKind {

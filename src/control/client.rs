@@ -13,6 +13,7 @@ use zbus::proxy::CacheProperties;
 use super::WorkerInfo;
 use super::dbus::ProverProxy1Proxy;
 use crate::config::DEFAULT_CONTROL_SOCKET;
+use crate::proxy::status::{ProofCacheStatus, StatusDocument};
 
 /// How long one call may take; a reload re-reads a file, nothing here should take long.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -122,9 +123,10 @@ async fn execute(socket: &Path, command: &CtlCommand) -> Result<String, String> 
             }
             CtlCommand::Status { json } => {
                 let status = proxy.status().await.map_err(call_error)?;
-                let value: serde_json::Value = serde_json::from_str(&status)
-                    .map_err(|err| format!("the proxy sent a status that is not JSON: {err}"))?;
-                Ok(if *json { to_json(&value) } else { summary(&value) })
+                let document: StatusDocument = serde_json::from_str(&status).map_err(|err| {
+                    format!("the proxy sent a status this minedctl cannot read: {err}")
+                })?;
+                Ok(if *json { to_json(&document) } else { summary(&document) })
             }
             CtlCommand::Reload => {
                 let summary = proxy.reload().await.map_err(call_error)?;
@@ -240,39 +242,37 @@ fn table(workers: &[WorkerInfo]) -> String {
 
 /// "transaction proxy 0.1.0: 2/3 workers healthy, 1 busy; queue 0/10; 42 requests served",
 /// and a line on the proof cache.
-fn summary(status: &serde_json::Value) -> String {
-    let workers = status["workers"].as_array().map_or(&[][..], Vec::as_slice);
-    let healthy = workers.iter().filter(|w| w["status"] == "Healthy").count();
-    let busy = workers.iter().filter(|w| w["busy"] == true).count();
+fn summary(status: &StatusDocument) -> String {
     format!(
-        "{} proxy {}: {healthy}/{} workers healthy, {busy} busy; queue {}/{}; {} requests served\n",
-        status["prover_type"].as_str().unwrap_or("?").to_lowercase(),
-        status["version"].as_str().unwrap_or("?"),
-        workers.len(),
-        status["queue"]["length"],
-        status["queue"]["max"],
-        status["requests_served"],
-    ) + &proof_cache_line(&status["proof_cache"])
+        "{} proxy {}: {}/{} workers healthy, {} busy; queue {}/{}; {} requests served\n",
+        status.prover_type.to_lowercase(),
+        status.version,
+        status.healthy(),
+        status.workers.len(),
+        status.busy(),
+        status.queue.length,
+        status.queue.max,
+        status.requests_served,
+    ) + &proof_cache_line(&status.proof_cache)
 }
 
 /// "proof cache: 3 proofs, 252 KB of 64 MiB, kept 5m; 5 hits, 2 joins, 4 misses, 0 evictions".
-fn proof_cache_line(cache: &serde_json::Value) -> String {
-    let Some(max) = cache["max_bytes"].as_u64() else { return String::new() };
-    let ttl = std::time::Duration::from_secs(cache["ttl_seconds"].as_u64().unwrap_or(0));
-    let kept = if max == 0 || ttl.is_zero() {
+fn proof_cache_line(cache: &ProofCacheStatus) -> String {
+    let ttl = std::time::Duration::from_secs(cache.ttl_seconds);
+    let kept = if cache.max_bytes == 0 || ttl.is_zero() {
         "off (identical running requests are still shared)".to_owned()
     } else {
         format!(
             "{} proofs, {} of {}, kept {}",
-            cache["proofs"],
-            size(cache["bytes"].as_u64().unwrap_or(0)),
-            size(max),
+            cache.proofs,
+            size(cache.bytes as u64),
+            size(cache.max_bytes as u64),
             humantime::format_duration(ttl)
         )
     };
     format!(
         "proof cache: {kept}; {} hits, {} joins, {} misses, {} evictions\n",
-        cache["hits"], cache["joins"], cache["misses"], cache["evictions"]
+        cache.hits, cache.joins, cache.misses, cache.evictions
     )
 }
 

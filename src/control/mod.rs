@@ -19,7 +19,7 @@ use zvariant::Type;
 
 use crate::config::{InvalidWorkerAddress, WorkerAddress};
 use crate::proxy::Proxy;
-use crate::proxy::pool::{Health, Origin};
+use crate::proxy::pool::Origin;
 
 /// A reload asked for over the control socket, answered by the daemon's main loop (which owns
 /// the configuration) with a summary or the reason it failed.
@@ -136,32 +136,21 @@ impl Control {
             .pool()
             .snapshot()
             .into_iter()
-            .map(|w| {
-                let (health, reason) = match w.health {
-                    Health::Unknown => ("unknown", String::new()),
-                    Health::Healthy => ("healthy", String::new()),
-                    Health::Unhealthy { reason, .. } => ("unhealthy", reason),
-                };
-                WorkerInfo {
-                    address: w.address,
-                    health: health.to_owned(),
-                    reason,
-                    busy: w.busy,
-                    requests_served: w.served,
-                    origin: match w.origin {
-                        Origin::Config => "config",
-                        Origin::Runtime => "runtime",
-                    }
-                    .to_owned(),
-                    version: w.version,
-                }
+            .map(|w| WorkerInfo {
+                health: w.health.as_str().to_owned(),
+                reason: w.health.reason().to_owned(),
+                origin: w.origin.as_str().to_owned(),
+                address: w.address,
+                busy: w.busy,
+                requests_served: w.served,
+                version: w.version,
             })
             .collect()
     }
 
     /// The proxy's status as the JSON document `GET /status` serves.
     pub fn status(&self) -> String {
-        self.proxy.status_json().to_string()
+        self.proxy.status_json()
     }
 
     /// Re-reads the configuration, exactly as SIGHUP does; returns what changed.

@@ -231,7 +231,7 @@ impl HttpServerApp for Connection {
         let completed = match self.front.role {
             Role::Grpc => self.grpc(&mut session).await,
             Role::Status => {
-                let json = self.front.proxy.status_json().to_string();
+                let json = self.front.proxy.status_json();
                 plain(&mut session, "/status", "application/json", json).await
             }
             Role::Metrics => {

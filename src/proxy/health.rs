@@ -89,7 +89,7 @@ async fn check(channel: Channel, kind: ProofKind) -> Result<String, String> {
         .map(ProofKind::from)
         .map_err(|_| format!("Unknown prover type number {}", status.supported_proof_type))?;
     if served != kind {
-        return Err(format!("Unsupported prover type: {}", capitalised(served)));
+        return Err(format!("Unsupported prover type: {}", served.upstream_name()));
     }
     if !same_minor(&status.version, env!("CARGO_PKG_VERSION")) {
         return Err(format!(
@@ -105,15 +105,6 @@ fn describe(status: &tonic::Status) -> String {
     match status.code() {
         tonic::Code::Unavailable => format!("unreachable: {}", status.message()),
         code => format!("{code:?}: {}", status.message()),
-    }
-}
-
-/// "Batch", as upstream's status JSON spells proof types.
-pub fn capitalised(kind: ProofKind) -> &'static str {
-    match kind {
-        ProofKind::Transaction => "Transaction",
-        ProofKind::Batch => "Batch",
-        ProofKind::Block => "Block",
     }
 }
 

@@ -28,7 +28,7 @@ pub mod pool;
 mod prove;
 pub mod proxy_protocol;
 pub mod state;
-mod status;
+pub mod status;
 
 pub use self::error::ProxyError;
 

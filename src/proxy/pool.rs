@@ -16,8 +16,9 @@ use tonic::transport::Channel;
 
 use crate::config::WorkerAddress;
 
-/// A worker's health as the proxy last saw it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A worker's health as the proxy last saw it. Serialised as the original service's status
+/// document has it: `"Healthy"`, `"Unknown"`, `{"Unhealthy": {"failed_attempts": 2, "reason": …}}`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Health {
     /// Not checked yet; no requests go to it until a check passes.
     Unknown,
@@ -33,12 +34,43 @@ pub enum Health {
 }
 
 /// Where a worker came from: the configuration (reload may remove it) or the control plane.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Serialised `"config"` or `"runtime"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Origin {
     /// Listed in `workers` (file, environment or command line).
     Config,
     /// Added at run time.
     Runtime,
+}
+
+impl Health {
+    /// "healthy", "unhealthy" or "unknown" (not checked yet).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Healthy => "healthy",
+            Health::Unhealthy { .. } => "unhealthy",
+        }
+    }
+
+    /// Why it is unhealthy; empty otherwise.
+    pub fn reason(&self) -> &str {
+        match self {
+            Health::Unhealthy { reason, .. } => reason,
+            _ => "",
+        }
+    }
+}
+
+impl Origin {
+    /// "config" or "runtime".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Config => "config",
+            Origin::Runtime => "runtime",
+        }
+    }
 }
 
 /// A copy of one worker's state, for status pages and metrics.

@@ -81,7 +81,6 @@ impl Proxy {
             .request_duration
             .with_label_values(&[self.kind.as_str()])
             .observe(started.elapsed().as_secs_f64());
-        self.update_gauges();
         span.in_scope(|| match result {
             Ok((_, how)) => {
                 info!(
@@ -253,7 +252,6 @@ impl Proxy {
         live: &LiveSettings,
     ) -> Result<pool::Lease, ProxyError> {
         let queued = Instant::now();
-        self.update_gauges();
         let acquired = tokio::time::timeout(
             live.max_queue_wait,
             self.pool.acquire(&tried.excluded, attempt > 1),
@@ -275,7 +273,6 @@ impl Proxy {
         };
         self.metrics.queue_wait.observe(queued.elapsed().as_secs_f64());
         self.metrics.worker_requests.with_label_values(&[lease.address()]).inc();
-        self.update_gauges();
         Ok(lease)
     }
 
