@@ -11,6 +11,7 @@
 //! operator change its workers at run time (`minedctl`) over a root-only Unix socket.
 //!
 //! - [`proto`]: generated gRPC code of the wire contract (`proto/remote_prover.proto`).
+//! - [`wire`]: the wire's fixed numbers and texts (paths, message bounds, HTTP/2 windows).
 //! - [`ProofKind`]: transaction, batch or block.
 
 pub mod assets;
@@ -26,6 +27,7 @@ pub mod proxy;
 pub mod share;
 pub mod systemd;
 pub mod telemetry;
+pub mod wire;
 pub mod worker;
 
 pub use kind::{ProofKind, UnknownProofKind};

@@ -8,10 +8,6 @@ use crate::ProofKind;
 
 tonic::include_proto!("remote_prover");
 
-/// Largest message the proxy forwards and a worker answers with: a bound on a proof and on what
-/// any worker may be configured to take (`max_request_size`).
-pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
-
 /// Encoded `FileDescriptorSet` of `remote_prover.proto`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/remote_prover_descriptor.bin"));

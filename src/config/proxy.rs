@@ -321,7 +321,7 @@ fn absolute_or_off(value: &str, off: &str) -> Result<Option<PathBuf>, String> {
 
 /// The proxy's [`ClientBounds`]; a budget below `max_request_size` could never admit a request.
 fn client_bounds(check: &mut Check<'_>) -> ClientBounds {
-    let most = crate::proto::MAX_MESSAGE_SIZE as u64;
+    let most = crate::wire::MAX_MESSAGE_SIZE as u64;
     let max_request_size = check.size("max_request_size", 1 << 10, most);
     let bounds = ClientBounds {
         max_request_size: bytes(max_request_size),

@@ -151,7 +151,7 @@ impl WorkerConfigSource {
         let figment = layered(Serialized::defaults(WORKER_DEFAULTS), &self.file, env, &self.flags);
         let known = known_keys(&WORKER_DEFAULTS);
         let mut check = Check::new(&figment, &self.file, "MPS_WORKER_", &known)?;
-        let most_request = crate::proto::MAX_MESSAGE_SIZE as u64;
+        let most_request = crate::wire::MAX_MESSAGE_SIZE as u64;
         let settings = WorkerSettings {
             port: check.get("port"),
             localhost: check.get("localhost"),

@@ -8,7 +8,7 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::worker::MAX_MESSAGE_SIZE;
+use crate::wire::{MAX_MESSAGE_SIZE, NOT_READY, PROVE_PATH};
 
 /// The fields of a `ProofRequest` the proxy looks at; prost skips the payload field.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -26,7 +26,7 @@ pub async fn prove(channel: Channel, request: Request<Bytes>) -> Result<Response
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
     // The generated clients report a channel that is not ready the same way.
     grpc.ready().await.map_err(|err| Status::unknown(format!("{NOT_READY}: {err}")))?;
-    grpc.unary(request, PathAndQuery::from_static("/remote_prover.Api/Prove"), Raw).await
+    grpc.unary(request, PathAndQuery::from_static(PROVE_PATH), Raw).await
 }
 
 /// Whether a failed call never reached the worker (it could not be connected to, or its
@@ -44,8 +44,6 @@ pub fn never_sent(status: &Status) -> bool {
     }
     false
 }
-
-const NOT_READY: &str = "Service was not ready";
 
 /// A codec that passes messages through as bytes.
 #[derive(Clone, Copy, Debug, Default)]

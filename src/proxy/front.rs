@@ -40,9 +40,7 @@ use super::error::ProxyError;
 use super::proxy_protocol;
 use super::{Proxy, RequestMeta};
 use crate::config::ClientBounds;
-
-/// HTTP/2 flow-control window for streams and connections.
-const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
+use crate::wire::{H2_PREFACE, MAX_META_HEADER, PROVE_PATH, PROXY_WINDOW, SMALL_MESSAGE};
 
 /// What a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,9 +60,6 @@ pub struct Front {
     /// Cleared at shutdown: health turns `NOT_SERVING`, new calls get `UNAVAILABLE`.
     serving: Arc<AtomicBool>,
 }
-
-/// The HTTP/2 connection preface.
-const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How long accepting pauses after an error (out of descriptors), rather than spinning.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
@@ -263,7 +258,7 @@ impl HttpServerApp for Connection {
     /// HTTP/2's 64 KiB default a 170 KB batch waits for `WINDOW_UPDATE` round trips.
     fn h2_options(&self) -> Option<pingora_core::protocols::http::v2::server::H2Options> {
         let mut options = pingora_core::protocols::http::v2::server::default_h2_options();
-        options.initial_window_size(WINDOW_SIZE).initial_connection_window_size(WINDOW_SIZE);
+        options.initial_window_size(PROXY_WINDOW).initial_connection_window_size(PROXY_WINDOW);
         Some(options)
     }
 }
@@ -289,7 +284,7 @@ impl Connection {
         if !content_type.starts_with("application/grpc") {
             return plain_status(session, 415, "expected a gRPC or gRPC-web request\n").await;
         }
-        if path == "/remote_prover.Api/Prove" {
+        if path == PROVE_PATH {
             self.prove_call(session, web).await
         } else {
             self.small_call(session, web, &path).await
@@ -383,9 +378,6 @@ fn request_meta(session: &ServerSession) -> RequestMeta {
     }
 }
 
-/// Largest message of a status or health call.
-const SMALL_MESSAGE: usize = 64 * 1024;
-
 /// Answers a call whose body was not (wholly) read; an HTTP/1 connection is then closed, as
 /// what is left of the body would read as the next request.
 async fn refuse_unread(session: &mut ServerSession, web: bool, err: ProxyError) -> bool {
@@ -393,11 +385,6 @@ async fn refuse_unread(session: &mut ServerSession, web: bool, err: ProxyError) 
     respond(session, web, Err(err)).await;
     false
 }
-
-/// Longest trace or request-id header the proxy logs and passes on; a longer one is dropped
-/// (W3C: a `traceparent` is 55 characters, a `tracestate` at most 512), so a client cannot write
-/// a megabyte into the journal with every request.
-pub const MAX_META_HEADER: usize = 512;
 
 fn text_header(session: &ServerSession, name: &str) -> Option<String> {
     let value = session.get_header(name)?;

@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
 use crate::config::WorkerAddress;
+use crate::wire::PROXY_WINDOW;
 
 /// A worker's health as the proxy last saw it. Serialised as the original service's status
 /// document has it: `"Healthy"`, `"Unknown"`, `{"Unhealthy": {"failed_attempts": 2, "reason": …}}`.
@@ -650,8 +651,8 @@ fn connect_lazy(address: &WorkerAddress, settings: ChannelSettings) -> Channel {
         .http2_keep_alive_interval(settings.keepalive_interval)
         .keep_alive_timeout(settings.keepalive_timeout)
         .tcp_nodelay(true)
-        .initial_stream_window_size(Some(16 << 20))
-        .initial_connection_window_size(Some(16 << 20))
+        .initial_stream_window_size(Some(PROXY_WINDOW))
+        .initial_connection_window_size(Some(PROXY_WINDOW))
         .connect_lazy()
 }
 

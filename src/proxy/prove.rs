@@ -16,7 +16,7 @@ use super::error::ProxyError;
 use super::pool::{self, AcquireError};
 use super::{LiveSettings, Proxy, RequestMeta, codes, forward, limit, poison};
 use crate::share::{self, Served};
-use crate::worker::BUSY_MESSAGE;
+use crate::wire::BUSY_MESSAGE;
 use crate::{ProofKind, telemetry};
 
 impl Proxy {

@@ -45,7 +45,7 @@ use crate::prover::{ProveError, Prover};
 pub const PROVER_STACK_SIZE: usize = 64 << 20;
 
 /// Largest frame a prover process may send: a proof is at most a gRPC message.
-const MAX_FRAME: usize = crate::proto::MAX_MESSAGE_SIZE;
+const MAX_FRAME: usize = crate::wire::MAX_MESSAGE_SIZE;
 
 /// How much of a prover process's stderr is kept to explain its death.
 const STDERR_TAIL: usize = 4096;

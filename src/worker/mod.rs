@@ -34,11 +34,11 @@ use crate::proto::{self, ProofType, UnknownProofType};
 use crate::share::{self, Found, Outcome, Served};
 use crate::{ProofKind, systemd, telemetry};
 
-pub use crate::proto::MAX_MESSAGE_SIZE;
-
-/// What a busy worker answers (upstream's text): the one `RESOURCE_EXHAUSTED` that means "try
-/// another worker", as the proxy reads it.
-pub const BUSY_MESSAGE: &str = "Server is busy handling another request";
+use crate::wire::{
+    BUSY_MESSAGE, MAX_MESSAGE_SIZE, SMALL_MESSAGE, WORKER_CONNECTION_WINDOW,
+    WORKER_KEEPALIVE_INTERVAL, WORKER_KEEPALIVE_TIMEOUT, WORKER_MAX_CONCURRENT_STREAMS,
+    WORKER_STREAM_WINDOW,
+};
 
 /// How long after the slot frees the next spare prover process starts: time for the answer to
 /// leave first (started at once, the process took 0.5 ms from a batch's answer on 2 cores).
@@ -455,26 +455,6 @@ impl WorkerStatusApi for Worker {
     }
 }
 
-/// HTTP/2 flow-control window of a stream: a whole batch (≈ 170 KB) or transaction arrives
-/// without waiting for a `WINDOW_UPDATE` round trip (HTTP/2's default is 64 KiB).
-const STREAM_WINDOW: u32 = 2 << 20;
-
-/// HTTP/2 flow-control window of a connection: what one connection can make the worker buffer.
-const CONNECTION_WINDOW: u32 = 4 << 20;
-
-/// Streams one connection may have open: a proxy's `Prove`, its status polls and health checks.
-/// A one-at-a-time service has no use for HTTP/2's unlimited default.
-pub const MAX_CONCURRENT_STREAMS: u32 = 8;
-
-/// Largest message any service but `Prove` accepts (status, health and reflection requests are
-/// a few bytes).
-const MAX_SMALL_MESSAGE: usize = 64 << 10;
-
-/// How often an idle connection is pinged, and how long the answer may take, so a vanished peer
-/// lets go of its connection.
-const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Serves `worker` on `listener` until `shutdown` resolves, then stops taking connections and
 /// returns once the requests in flight have been answered.
 pub async fn serve(
@@ -489,7 +469,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the embedded descriptor sets are valid: they were produced by the build script")
-        .max_decoding_message_size(MAX_SMALL_MESSAGE);
+        .max_decoding_message_size(SMALL_MESSAGE);
 
     let bounds = worker.inner.bounds;
     let incoming = transport::incoming(listener, bounds);
@@ -500,13 +480,13 @@ pub async fn serve(
     };
     worker.prepare();
     tonic::transport::Server::builder()
-        .initial_stream_window_size(Some(STREAM_WINDOW))
-        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .initial_stream_window_size(Some(WORKER_STREAM_WINDOW))
+        .initial_connection_window_size(Some(WORKER_CONNECTION_WINDOW))
         .max_frame_size(Some(1 << 20))
-        .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+        .max_concurrent_streams(Some(WORKER_MAX_CONCURRENT_STREAMS))
         .http2_max_header_list_size(Some(16 << 10))
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .http2_keepalive_interval(Some(WORKER_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(WORKER_KEEPALIVE_TIMEOUT))
         .accept_http1(true)
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(transport::AdmissionLayer::new(worker.clone()))
@@ -515,10 +495,8 @@ pub async fn serve(
                 .max_decoding_message_size(bounds.max_request_size)
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
         )
-        .add_service(
-            WorkerStatusApiServer::new(worker).max_decoding_message_size(MAX_SMALL_MESSAGE),
-        )
-        .add_service(health_service.max_decoding_message_size(MAX_SMALL_MESSAGE))
+        .add_service(WorkerStatusApiServer::new(worker).max_decoding_message_size(SMALL_MESSAGE))
+        .add_service(health_service.max_decoding_message_size(SMALL_MESSAGE))
         .add_service(reflection)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

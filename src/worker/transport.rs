@@ -31,16 +31,14 @@ use tracing::{debug, info, warn};
 
 use super::{Worker, WorkerError};
 use crate::config::Bounds;
-
-/// The gRPC path whose calls take the proving slot.
-const PROVE_PATH: &str = "/remote_prover.Api/Prove";
+use crate::wire::{H2_PREFACE, PROVE_PATH};
 
 // CONNECTIONS
 // ================================================================================================
 
 /// Bytes a connection must send within `handshake_timeout` to be served on: the HTTP/2
-/// connection preface is 24 bytes, and an HTTP/1.1 request line for gRPC-web is longer.
-const HANDSHAKE_BYTES: usize = 24;
+/// connection preface, shorter than an HTTP/1.1 request line for gRPC-web.
+const HANDSHAKE_BYTES: usize = H2_PREFACE.len();
 
 /// A served connection; its permit counts it against `max_connections` until it closes. Until
 /// it has sent [`HANDSHAKE_BYTES`], reads fail once `handshake_timeout` has passed, so one byte
