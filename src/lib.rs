@@ -12,6 +12,7 @@
 //!
 //! - [`proto`]: generated gRPC code of the wire contract (`proto/remote_prover.proto`).
 //! - [`wire`]: the wire's fixed numbers and texts (paths, message bounds, HTTP/2 windows).
+//! - [`tls`]: TLS on the listeners and to `https://` workers, from PEM files.
 //! - [`ProofKind`]: transaction, batch or block.
 
 pub mod assets;
@@ -27,6 +28,7 @@ pub mod proxy;
 pub mod share;
 pub mod systemd;
 pub mod telemetry;
+pub mod tls;
 pub mod wire;
 pub mod worker;
 

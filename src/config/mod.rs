@@ -24,6 +24,8 @@ use figment::{Figment, Metadata, Profile, Provider, Source};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::tls;
+
 pub use self::proxy::{
     ClientBounds, DEFAULT_CONTROL_SOCKET, DEFAULT_PROXY_CONFIG, DEFAULT_STATE_FILE,
     InvalidWorkerAddress, ProxyConfigSource, ProxySettings, WorkerAddress,
@@ -405,6 +407,74 @@ impl<'a> Check<'a> {
         debug_assert!(self.unread.is_empty(), "load() never reads {:?}", self.unread);
         if self.problems.is_empty() { Ok(()) } else { Err(ConfigError { problems: self.problems }) }
     }
+}
+
+/// A file named by `key` read with `read`; `None` for "" (off) and after recording a problem.
+fn tls_file<T>(
+    check: &mut Check<'_>,
+    key: &str,
+    read: impl FnOnce(&Path) -> Result<T, String>,
+) -> Option<T> {
+    let path: String = check.get(key);
+    if path.is_empty() {
+        return None;
+    }
+    read(Path::new(&path)).map_err(|err| check.problem(key, err)).ok()
+}
+
+/// A certificate file and its key file, named by `cert` and `key`: both or neither.
+fn tls_identity(
+    check: &mut Check<'_>,
+    cert: &str,
+    key: &str,
+) -> Option<(tls::Certificates, tls::PrivateKey)> {
+    let chain = tls_file(check, cert, tls::Certificates::read);
+    let private = tls_file(check, key, tls::PrivateKey::read);
+    match (chain, private) {
+        (Some(chain), Some(private)) => Some((chain, private)),
+        (Some(_), None) if check.valid(&[key]) => {
+            check.problem(key, format!("`{cert}` is set, so this must name its private key"));
+            None
+        }
+        (None, Some(_)) if check.valid(&[cert]) => {
+            check.problem(cert, format!("`{key}` is set, so this must name its certificate"));
+            None
+        }
+        _ => None,
+    }
+}
+
+/// A listener's TLS from `cert`, `key` and, when given, the `client_ca` key (mutual TLS);
+/// `None` (plaintext) when the files are "".
+fn server_tls(
+    check: &mut Check<'_>,
+    cert: &str,
+    key: &str,
+    client_ca: Option<&str>,
+) -> Option<tls::ServerTls> {
+    let identity = tls_identity(check, cert, key);
+    let ca = client_ca
+        .and_then(|ca_key| Some((ca_key, tls_file(check, ca_key, tls::Certificates::read)?)));
+    let Some((chain, private)) = identity else {
+        if let Some((ca_key, _)) = ca
+            && check.valid(&[cert, key])
+        {
+            check
+                .problem(ca_key, format!("client certificates need TLS: set `{cert}` and `{key}`"));
+        }
+        return None;
+    };
+    tls::ServerTls::new(&chain, &private, ca.as_ref().map(|(_, ca)| ca))
+        .map_err(|err| check.problem(cert, err))
+        .ok()
+}
+
+/// How the proxy connects to `https://` workers: the CA file `ca` and the client certificate
+/// `cert`/`key` (all optional).
+fn client_tls(check: &mut Check<'_>, ca: &str, cert: &str, key: &str) -> tls::ClientTls {
+    let roots = tls_file(check, ca, tls::Certificates::read);
+    let identity = tls_identity(check, cert, key);
+    tls::ClientTls::new(roots, identity).map_err(|err| check.problem(cert, err)).unwrap_or_default()
 }
 
 /// "PATH: key `KEY`", "environment variable `MPS_WORKER_PORT`", "command-line flag `--port`".

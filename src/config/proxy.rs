@@ -11,8 +11,12 @@ use figment::providers::{Env, Serialized};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Endpoint;
 
-use super::{Check, ConfigError, ConfigFile, Flags, bytes, known_keys, layered, restart_only};
+use super::{
+    Check, ConfigError, ConfigFile, Flags, bytes, client_tls, known_keys, layered, restart_only,
+    server_tls,
+};
 use crate::ProofKind;
+use crate::tls::{ClientTls, ServerTls};
 
 /// Where the proxy reads its file when `--config` is not given.
 pub const DEFAULT_PROXY_CONFIG: &str = "/etc/miden-prover-proxy/proxy.toml";
@@ -65,6 +69,11 @@ struct ProxyDefaults {
     log_filter: &'static str,
     control_socket: &'static str,
     state_file: &'static str,
+    tls_cert_file: &'static str,
+    tls_key_file: &'static str,
+    tls_worker_ca_file: &'static str,
+    tls_client_cert_file: &'static str,
+    tls_client_key_file: &'static str,
 }
 
 const PROXY_DEFAULTS: ProxyDefaults = ProxyDefaults {
@@ -111,6 +120,14 @@ const PROXY_DEFAULTS: ProxyDefaults = ProxyDefaults {
     log_filter: "info",
     control_socket: DEFAULT_CONTROL_SOCKET,
     state_file: DEFAULT_STATE_FILE,
+    // Plaintext on the main port unless a certificate is given; `https://` workers are checked
+    // against the system's roots unless tls_worker_ca_file names a CA, and get no client
+    // certificate unless tls_client_cert_file and tls_client_key_file name one.
+    tls_cert_file: "",
+    tls_key_file: "",
+    tls_worker_ca_file: "",
+    tls_client_cert_file: "",
+    tls_client_key_file: "",
 };
 
 /// The proxy's bounds on what clients hold (settings of the same names; all live on reload).
@@ -205,6 +222,10 @@ pub struct ProxySettings {
     /// Where the workers added at run time are kept across restarts; `None` (set to "") forgets
     /// them at every stop.
     pub state_file: Option<PathBuf>,
+    /// TLS on the main port, `None` for plaintext (files re-read at every reload).
+    pub tls: Option<ServerTls>,
+    /// How `https://` workers are verified and what certificate the proxy shows them.
+    pub worker_tls: ClientTls,
 }
 
 // The listeners, the proof type checked against every worker, the control socket and the state
@@ -273,6 +294,13 @@ impl ProxyConfigSource {
             state_file: check.parse_or("state_file", None, |s| {
                 absolute_or_off(s, "keeping run-time workers across restarts")
             }),
+            tls: server_tls(&mut check, "tls_cert_file", "tls_key_file", None),
+            worker_tls: client_tls(
+                &mut check,
+                "tls_worker_ca_file",
+                "tls_client_cert_file",
+                "tls_client_key_file",
+            ),
         };
         workers_within_max(&mut check, &settings);
         check.finish()?;
@@ -355,8 +383,9 @@ fn client_bounds(check: &mut Check<'_>) -> ClientBounds {
 }
 
 /// A worker's address as the proxy dials it: `host:port`, where host is a name or an IP address
-/// (IPv6 in brackets). Parsed where an address enters (configuration, control socket), so code
-/// that holds one never checks a string again.
+/// (IPv6 in brackets), optionally after `http://` (the default, cleartext HTTP/2) or `https://`
+/// (TLS, checked against `tls_worker_ca_file`). Parsed where an address enters (configuration,
+/// control socket), so code that holds one never checks a string again.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct WorkerAddress(String);
@@ -367,20 +396,32 @@ pub struct WorkerAddress(String);
 pub struct InvalidWorkerAddress(String);
 
 impl WorkerAddress {
-    /// The address as written, `host:port`.
+    /// The address as written: `host:port`, `http://host:port` or `https://host:port`.
     pub fn as_str(&self) -> &str {
         &self.0
     }
 
-    /// The gRPC endpoint the proxy dials (plaintext HTTP/2).
+    /// Whether the proxy speaks TLS to this worker (`https://`).
+    pub fn is_tls(&self) -> bool {
+        self.0.starts_with(HTTPS)
+    }
+
+    /// The gRPC endpoint the proxy dials (without its TLS settings).
     pub fn endpoint(&self) -> Endpoint {
         endpoint(&self.0).unwrap_or_else(|_| unreachable!("checked when `{self}` was parsed"))
     }
 }
 
+const HTTPS: &str = "https://";
+const HTTP: &str = "http://";
+
 /// `address` as an HTTP/2 endpoint; fails when it is not a URI's authority.
 fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
-    Endpoint::from_shared(format!("http://{address}"))
+    if address.starts_with(HTTPS) || address.starts_with(HTTP) {
+        Endpoint::from_shared(address.to_owned())
+    } else {
+        Endpoint::from_shared(format!("{HTTP}{address}"))
+    }
 }
 
 impl PartialEq<&str> for WorkerAddress {
@@ -394,7 +435,9 @@ impl FromStr for WorkerAddress {
 
     fn from_str(address: &str) -> Result<Self, Self::Err> {
         let fault = |reason: String| InvalidWorkerAddress(reason);
-        let (host, port) = address
+        let authority =
+            address.strip_prefix(HTTPS).or_else(|| address.strip_prefix(HTTP)).unwrap_or(address);
+        let (host, port) = authority
             .rsplit_once(':')
             .ok_or_else(|| fault(format!("`{address}` is not host:port (no port)")))?;
         port.parse::<u16>()
@@ -602,5 +645,17 @@ mod tests {
         assert_eq!(parsed, ["h:1".parse::<WorkerAddress>().expect("valid")]);
         assert!(serde_json::from_str::<WorkerAddress>(r#""h""#).is_err());
         assert_eq!(fault("h%zz:1"), "`h%zz:1`: invalid URI");
+        // A scheme says whether the proxy speaks TLS to it; the address is kept as written.
+        for (written, tls) in [("https://w.internal:50051", true), ("http://10.0.0.7:1", false)] {
+            let address: WorkerAddress = written.parse().expect("valid");
+            assert_eq!((address.as_str(), address.is_tls()), (written, tls));
+            assert_eq!(address.endpoint().uri().to_string(), format!("{written}/"));
+        }
+        assert!(!"h:1".parse::<WorkerAddress>().expect("valid").is_tls());
+        assert_eq!(fault("https://h"), "`https://h` is not host:port (no port)");
+        assert_eq!(
+            fault("https://h/x:1"),
+            "`https://h/x:1`: `h/x` is not a host name or IP address"
+        );
     }
 }

@@ -7,8 +7,11 @@ use std::time::Duration;
 use figment::providers::{Env, Serialized};
 use serde::Serialize;
 
-use super::{Check, ConfigError, ConfigFile, Flags, bytes, known_keys, layered, restart_only};
+use super::{
+    Check, ConfigError, ConfigFile, Flags, bytes, known_keys, layered, restart_only, server_tls,
+};
 use crate::ProofKind;
+use crate::tls::ServerTls;
 
 /// Where the worker reads its file when `--config` is not given.
 pub const DEFAULT_WORKER_CONFIG: &str = "/etc/miden-prover/worker.toml";
@@ -42,6 +45,12 @@ struct WorkerDefaults {
     proof_cache_size: &'static str,
     /// How long a finished proof is kept.
     proof_cache_ttl: &'static str,
+    /// PEM certificate chain served on the port; "" serves plaintext.
+    tls_cert_file: &'static str,
+    /// PEM private key of `tls_cert_file`.
+    tls_key_file: &'static str,
+    /// PEM CA that clients' certificates must chain to (mutual TLS); "" asks for none.
+    tls_client_ca_file: &'static str,
 }
 
 const WORKER_DEFAULTS: WorkerDefaults = WorkerDefaults {
@@ -68,6 +77,11 @@ const WORKER_DEFAULTS: WorkerDefaults = WorkerDefaults {
     // 16 MiB holds well over a hundred, which is minutes of a worker's output.
     proof_cache_size: "16MiB",
     proof_cache_ttl: "5m",
+    // Plaintext on loopback (the packaged worker's proxy is local); TLS for a worker on another
+    // host, with the proxy's certificate required where only its proxies may use it.
+    tls_cert_file: "",
+    tls_key_file: "",
+    tls_client_ca_file: "",
 };
 
 /// Limits every prover process runs under.
@@ -114,6 +128,9 @@ pub struct WorkerSettings {
     pub proof_cache_size: usize,
     /// How long a finished proof is kept; zero keeps none. Live on reload.
     pub proof_cache_ttl: Duration,
+    /// TLS on the port, `None` for plaintext; files re-read at every reload, and connections
+    /// accepted after it get what they hold now.
+    pub tls: Option<ServerTls>,
 }
 
 // The listener and the transport are built once; everything else a reload changes.
@@ -172,6 +189,12 @@ impl WorkerConfigSource {
             },
             proof_cache_size: bytes(check.size("proof_cache_size", 0, u64::MAX)),
             proof_cache_ttl: check.duration("proof_cache_ttl"),
+            tls: server_tls(
+                &mut check,
+                "tls_cert_file",
+                "tls_key_file",
+                Some("tls_client_ca_file"),
+            ),
         };
         check.finish()?;
         Ok(settings)
@@ -342,6 +365,35 @@ mod tests {
             assert_eq!(settings.proof_cache_size, 0, "0 turns the cache off");
             assert_eq!(settings.bounds.max_request_size, 65536);
             assert_eq!(settings.limits.memory, 3 << 30);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn tls_files_are_read_with_the_configuration_and_checked_together() {
+        Jail::expect_with(|jail| {
+            assert_eq!(source(flags(&[])).load().expect("defaults").tls, None, "plaintext");
+            jail.create_file("cert.pem", "not a certificate\n")?;
+            jail.create_file(
+                "worker.toml",
+                "tls_cert_file = \"cert.pem\"\ntls_key_file = \"/nonexistent/key.pem\"\n",
+            )?;
+            let text = source(flags(&[])).load().expect_err("two problems").to_string();
+            assert!(
+                text.contains("key `tls_cert_file`: cert.pem: holds no PEM certificate"),
+                "{text}"
+            );
+            assert!(
+                text.contains("key `tls_key_file`: cannot read /nonexistent/key.pem"),
+                "{text}"
+            );
+            jail.create_file("ca.pem", "")?;
+            jail.create_file("worker.toml", "tls_client_ca_file = \"/nonexistent/ca.pem\"\n")?;
+            let text = source(flags(&[])).load().expect_err("unreadable CA").to_string();
+            assert!(text.contains("key `tls_client_ca_file`: cannot read"), "{text}");
+            jail.create_file("worker.toml", "tls_client_ca_file = \"ca.pem\"\n")?;
+            let text = source(flags(&[])).load().expect_err("empty CA").to_string();
+            assert!(text.contains("ca.pem: holds no PEM certificate"), "{text}");
             Ok(())
         });
     }

@@ -68,6 +68,7 @@ impl Bound {
             build = crate::cpu::BUILD,
             proof_type = %proxy.kind(),
             address = %local(&self.main),
+            tls = if settings.tls.is_some() { "on" } else { "off" },
             status = %local(&self.status),
             metrics = %self.metrics.as_ref().map_or_else(|| "off".to_owned(), local),
             control = %control.unwrap_or_else(|| "off".to_owned()),

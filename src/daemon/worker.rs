@@ -8,6 +8,7 @@ use tracing::{info, warn};
 use super::{DaemonError, Signal, Signals};
 use crate::config::{WorkerConfigSource, WorkerSettings};
 use crate::telemetry::Telemetry;
+use crate::tls::ServerTlsCell;
 use crate::worker::{Worker, serve};
 
 /// Runs a worker from `source` until SIGTERM; the process entry point of `start-worker`.
@@ -32,7 +33,8 @@ async fn run(
         Worker::new(settings.prover_type, settings.limits, settings.bounds, proof_cache(settings))
             .map_err(DaemonError::OwnPath)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(serve(worker.clone(), listener, async move {
+    let tls = ServerTlsCell::new(settings.tls.clone());
+    let mut server = tokio::spawn(serve(worker.clone(), listener, tls.clone(), async move {
         let _ = stopped.await;
     }));
     info!(
@@ -40,6 +42,7 @@ async fn run(
         build = crate::cpu::BUILD,
         proof_type = %worker.kind(),
         address = %local,
+        tls = tls_mode(settings),
         logs = telemetry.destination,
         traces = if telemetry.exports_traces() { "otlp" } else { "off" },
         "worker listening on {local}"
@@ -50,7 +53,7 @@ async fn run(
         tokio::select! {
             signal = signals.next() => match signal {
                 Signal::Stop => break,
-                Signal::Reload => reload(source, settings, telemetry, &worker),
+                Signal::Reload => reload(source, settings, telemetry, &worker, &tls),
             },
             // The server only ends on its own when it fails.
             result = &mut server => return server_result(result),
@@ -94,6 +97,7 @@ fn reload(
     settings: &mut WorkerSettings,
     telemetry: &Telemetry,
     worker: &Worker,
+    tls: &ServerTlsCell,
 ) {
     let _ = super::reload(
         settings,
@@ -105,17 +109,30 @@ fn reload(
                 worker.set_limits(new.limits);
             }
             worker.set_proof_cache(proof_cache(new));
+            if new.tls != old.tls {
+                tls.set(new.tls.clone());
+            }
             format!(
-                "; grace period {:?}, prover memory limit {} bytes, max proof time {:?}, proof cache \
-             {} bytes for {:?}",
+                "; grace period {:?}, prover memory limit {} bytes, max proof time {:?}, proof \
+                 cache {} bytes for {:?}, {}",
                 new.grace_period,
                 new.limits.memory,
                 new.limits.max_proof_time,
                 new.proof_cache_size,
-                new.proof_cache_ttl
+                new.proof_cache_ttl,
+                tls_mode(new),
             )
         },
     );
+}
+
+/// How the port serves: "plaintext", "TLS" or "mutual TLS" (as the certificate files read now).
+fn tls_mode(settings: &WorkerSettings) -> &'static str {
+    match &settings.tls {
+        None => "plaintext",
+        Some(tls) if tls.is_mutual() => "mutual TLS",
+        Some(_) => "TLS",
+    }
 }
 
 /// The proof cache's limits in `settings`.

@@ -1,5 +1,6 @@
-//! The HTTP front end on Pingora: gRPC over cleartext HTTP/2 and gRPC-web (HTTP/1.1 or HTTP/2,
-//! with CORS preflight) on the main port, JSON `GET /status` on the status port and Prometheus
+//! The HTTP front end on Pingora: gRPC over HTTP/2 and gRPC-web (HTTP/1.1 or HTTP/2, with CORS
+//! preflight) on the main port, in cleartext or over TLS (`tls_cert_file`, ALPN naming the
+//! protocol; [`super::tls_stream`]), JSON `GET /status` on the status port and Prometheus
 //! `GET /metrics` on the metrics port.
 //!
 //! Pingora parses HTTP; our code answers every request itself (it keeps the whole body so a
@@ -38,8 +39,10 @@ use tracing::{debug, warn};
 use super::bounds::{Reservation, Slot};
 use super::error::ProxyError;
 use super::proxy_protocol;
+use super::tls_stream::TlsConnection;
 use super::{Proxy, RequestMeta};
 use crate::config::ClientBounds;
+use crate::tls::ServerTls;
 use crate::wire::{H2_PREFACE, MAX_META_HEADER, PROVE_PATH, PROXY_WINDOW, SMALL_MESSAGE};
 
 /// What a listener serves.
@@ -103,7 +106,8 @@ pub async fn serve(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let accepted = Accepted { slot, tcp, peer, proxy_protocol, bounds };
+        let tls = if front.role == Role::Grpc { live.tls } else { None };
+        let accepted = Accepted { slot, tcp, peer, proxy_protocol, bounds, tls };
         connections.spawn(run_connection(Arc::clone(&front), accepted, shutdown.clone()));
     }
     drop(listener);
@@ -128,11 +132,13 @@ struct Accepted {
     /// Whether it begins with a PROXY protocol header (a trusted forwarder, the option on).
     proxy_protocol: bool,
     bounds: ClientBounds,
+    /// The TLS it is served with (the main port's certificate as of its accept), if any.
+    tls: Option<ServerTls>,
 }
 
 /// Serves one connection: its PROXY protocol header, its handshake, then Pingora's HTTP.
 async fn run_connection(front: Arc<Front>, accepted: Accepted, shutdown: ShutdownWatch) {
-    let Accepted { mut slot, mut tcp, mut peer, proxy_protocol, bounds } = accepted;
+    let Accepted { mut slot, mut tcp, mut peer, proxy_protocol, bounds, tls } = accepted;
     if proxy_protocol {
         match proxy_protocol::read_header(&mut tcp, bounds.handshake_timeout).await {
             Ok(proxy_protocol::Header::Forwarded(client)) => peer = client,
@@ -143,16 +149,56 @@ async fn run_connection(front: Arc<Front>, accepted: Accepted, shutdown: Shutdow
             }
         }
     }
-    let Some(h2) = handshake(&tcp, &mut slot, bounds.handshake_timeout).await else {
-        return;
+    let (stream, h2c): (pingora_core::protocols::Stream, bool) = match tls {
+        None => {
+            let Some(h2) = handshake(&tcp, &mut slot, bounds.handshake_timeout).await else {
+                return;
+            };
+            (Box::new(pingora_core::protocols::l4::stream::Stream::from(tcp)), h2)
+        }
+        // ALPN names the protocol (Pingora reads it from the stream).
+        Some(tls) => {
+            let Some(stream) = tls_handshake(&tls, tcp, &mut slot, bounds.handshake_timeout).await
+            else {
+                return;
+            };
+            (Box::new(TlsConnection(Box::new(stream))), false)
+        }
     };
     let mut options = HttpServerOptions::default();
-    options.h2c = h2;
+    options.h2c = h2c;
     options.h2_idle_timeout = Some(bounds.idle_timeout);
     let connection = Arc::new(Connection { front, peer, options, _slot: slot });
-    let stream: pingora_core::protocols::Stream =
-        Box::new(pingora_core::protocols::l4::stream::Stream::from(tcp));
     pingora_core::apps::ServerApp::process_new(&connection, stream, &shutdown).await;
+}
+
+/// Completes a TLS handshake within `timeout`; `None` when it failed, took too long, or the
+/// connection was evicted for a newer one meanwhile.
+async fn tls_handshake(
+    tls: &ServerTls,
+    tcp: TcpStream,
+    slot: &mut Slot,
+    timeout: Duration,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let evicted = slot.evicted.take()?;
+    let stream = tokio::select! {
+        accepted = tls.accept(tcp, deadline) => accepted,
+        _ = evicted => {
+            debug!("closing a connection still in its TLS handshake to make room for a newer one");
+            return None;
+        }
+    };
+    match stream {
+        Ok(stream) => {
+            slot.handshake_done();
+            Some(stream)
+        }
+        Err(err) => {
+            debug!("closing a connection: {err}");
+            None
+        }
+    }
 }
 
 /// Waits until a connection shows its protocol: `Some(true)` for the HTTP/2 preface,

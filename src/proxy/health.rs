@@ -101,11 +101,18 @@ async fn check(channel: Channel, kind: ProofKind) -> Result<String, String> {
     Ok(status.version)
 }
 
+/// The status's code and message, then the transport's causes (a refused connection, a TLS
+/// handshake's certificate error), which tonic keeps out of the message.
 fn describe(status: &tonic::Status) -> String {
-    match status.code() {
+    let mut text = match status.code() {
         tonic::Code::Unavailable => format!("unreachable: {}", status.message()),
         code => format!("{code:?}: {}", status.message()),
+    };
+    if let Some(source) = std::error::Error::source(status) {
+        text.push_str(": ");
+        text.push_str(&crate::daemon::error_chain(source));
     }
+    text
 }
 
 fn same_minor(a: &str, b: &str) -> bool {
@@ -128,6 +135,7 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             keepalive_interval: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(20),
+            tls: crate::tls::ClientTls::default(),
         };
         let pool = WorkerPool::new(10, 64, settings);
         let accepted = Arc::new(AtomicUsize::new(0));

@@ -29,6 +29,7 @@ mod prove;
 pub mod proxy_protocol;
 pub mod state;
 pub mod status;
+mod tls_stream;
 
 pub use self::error::ProxyError;
 
@@ -70,6 +71,8 @@ pub struct LiveSettings {
     pub health_check: (Duration, Duration),
     /// Whether `ProxyStatusApi/Status` names the workers' addresses.
     pub public_worker_addresses: bool,
+    /// TLS on the main port (new connections get the files' contents as of the last reload).
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 impl From<&ProxySettings> for LiveSettings {
@@ -87,6 +90,7 @@ impl From<&ProxySettings> for LiveSettings {
             client_bounds: s.client_bounds,
             health_check: (s.health_check_interval, s.health_check_timeout),
             public_worker_addresses: s.public_worker_addresses,
+            tls: s.tls.clone(),
         }
     }
 }
@@ -237,5 +241,6 @@ fn channel_settings(settings: &ProxySettings) -> pool::ChannelSettings {
         connect_timeout: settings.connection_timeout,
         keepalive_interval: settings.health_check_interval,
         keepalive_timeout: settings.health_check_timeout,
+        tls: settings.worker_tls.clone(),
     }
 }

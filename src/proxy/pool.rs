@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
 use crate::config::WorkerAddress;
+use crate::tls::ClientTls;
 use crate::wire::PROXY_WINDOW;
 
 /// A worker's health as the proxy last saw it. Serialised as the original service's status
@@ -266,7 +267,7 @@ impl State {
 
 /// How the proxy's connections to its workers behave; a reload that changes them makes each
 /// worker's connection anew once the worker is idle.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChannelSettings {
     /// TCP connect timeout (`connection_timeout`).
     pub connect_timeout: Duration,
@@ -276,6 +277,8 @@ pub struct ChannelSettings {
     pub keepalive_interval: Duration,
     /// How long a PING may go unanswered (`health_check_timeout`).
     pub keepalive_timeout: Duration,
+    /// How `https://` workers are verified, and the certificate shown to them.
+    pub tls: ClientTls,
 }
 
 /// The pool of workers and the queue of requests waiting for one.
@@ -377,7 +380,7 @@ impl WorkerPool {
     /// configured one). Does no network I/O: the channel connects on first use.
     pub fn add(&self, address: &WorkerAddress, origin: Origin) -> Result<bool, AddError> {
         let settings = self.channel_settings();
-        let channel = connect_lazy(address, settings);
+        let channel = connect_lazy(address, &settings);
         let mut state = self.lock();
         if let Some(present) =
             state.workers.iter_mut().find(|w| w.address == *address && !w.removed)
@@ -494,7 +497,7 @@ impl WorkerPool {
         let mut state = self.lock();
         if let Some(index) = state.workers.iter().position(|w| w.id == worker) {
             state.workers[index].served += 1;
-            free(&mut state, index, self.channel_settings());
+            free(&mut state, index, &self.channel_settings());
         }
         dispatch(&mut state);
         drop(state);
@@ -607,16 +610,16 @@ impl WorkerPool {
         let mut state = self.lock();
         state.max_queue = max_queue;
         state.max_workers = max_workers;
-        *self.channel_settings.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-            channel_settings;
         // Busy workers follow when their request ends (`release`).
         for worker in state.workers.iter_mut().filter(|w| !w.removed && !w.busy) {
-            renew_if_stale(worker, channel_settings);
+            renew_if_stale(worker, &channel_settings);
         }
+        *self.channel_settings.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            channel_settings;
     }
 
     fn channel_settings(&self) -> ChannelSettings {
-        *self.channel_settings.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.channel_settings.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Each worker's address, how often its connection was made anew after a reload, and
@@ -644,9 +647,20 @@ impl WorkerPool {
 }
 
 /// A channel to `address` made with `settings`; connects on first use.
-fn connect_lazy(address: &WorkerAddress, settings: ChannelSettings) -> Channel {
-    address
-        .endpoint()
+fn connect_lazy(address: &WorkerAddress, settings: &ChannelSettings) -> Channel {
+    let mut endpoint = address.endpoint();
+    if address.is_tls() {
+        // The files were checked when the settings were loaded; a failure here leaves the
+        // endpoint without TLS, which tonic refuses to dial: the worker's health says why.
+        endpoint = endpoint
+            .clone()
+            .tls_config(settings.tls.config(settings.connect_timeout))
+            .unwrap_or_else(|err| {
+                tracing::warn!(worker = %address, "no TLS settings for this worker: {err}");
+                endpoint
+            });
+    }
+    endpoint
         .connect_timeout(settings.connect_timeout)
         .http2_keep_alive_interval(settings.keepalive_interval)
         .keep_alive_timeout(settings.keepalive_timeout)
@@ -658,15 +672,15 @@ fn connect_lazy(address: &WorkerAddress, settings: ChannelSettings) -> Channel {
 
 /// Gives an idle worker whose channel was made with other settings one made with `settings`;
 /// the old one closes once its last clone (a health check under way) is gone.
-fn renew_if_stale(worker: &mut WorkerEntry, settings: ChannelSettings) {
-    if worker.made_with == settings {
+fn renew_if_stale(worker: &mut WorkerEntry, settings: &ChannelSettings) {
+    if worker.made_with == *settings {
         return;
     }
     // The address was accepted when the worker was added.
     {
         let channel = connect_lazy(&worker.address, settings);
         worker.channel = channel;
-        worker.made_with = settings;
+        worker.made_with = settings.clone();
         worker.renewed += 1;
     }
 }
@@ -699,7 +713,7 @@ struct Waiting {
 }
 
 /// Marks the worker at `index` free, or forgets it if it was removed while busy.
-fn free(state: &mut State, index: usize, channel_settings: ChannelSettings) {
+fn free(state: &mut State, index: usize, channel_settings: &ChannelSettings) {
     let worker = &mut state.workers[index];
     worker.busy = false;
     if worker.removed {
@@ -723,7 +737,7 @@ impl Drop for Waiting {
         if let Ok(grant) = receiver.try_recv()
             && let Some(index) = state.workers.iter().position(|w| w.id == grant.worker)
         {
-            free(&mut state, index, self.pool.channel_settings());
+            free(&mut state, index, &self.pool.channel_settings());
             dispatch(&mut state);
             changed = true;
         }
@@ -750,6 +764,7 @@ mod tests {
             connect_timeout: Duration::from_secs(connect_timeout),
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(2),
+            tls: crate::tls::ClientTls::default(),
         }
     }
 

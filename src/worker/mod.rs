@@ -32,6 +32,7 @@ use crate::proto::api_server::{Api, ApiServer};
 use crate::proto::worker_status_api_server::{WorkerStatusApi, WorkerStatusApiServer};
 use crate::proto::{self, ProofType, UnknownProofType};
 use crate::share::{self, Found, Outcome, Served};
+use crate::tls::ServerTlsCell;
 use crate::{ProofKind, systemd, telemetry};
 
 use crate::wire::{
@@ -455,11 +456,12 @@ impl WorkerStatusApi for Worker {
     }
 }
 
-/// Serves `worker` on `listener` until `shutdown` resolves, then stops taking connections and
-/// returns once the requests in flight have been answered.
+/// Serves `worker` on `listener` (over the TLS `tls` holds, if any) until `shutdown` resolves,
+/// then stops taking connections and returns once the requests in flight have been answered.
 pub async fn serve(
     worker: Worker,
     listener: TcpListener,
+    tls: ServerTlsCell,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -472,7 +474,7 @@ pub async fn serve(
         .max_decoding_message_size(SMALL_MESSAGE);
 
     let bounds = worker.inner.bounds;
-    let incoming = transport::incoming(listener, bounds);
+    let incoming = transport::incoming(listener, bounds, tls);
     let shutdown = async move {
         shutdown.await;
         health.set_not_serving::<ApiServer<Worker>>().await;

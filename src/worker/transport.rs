@@ -22,7 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Sleep;
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use super::{Worker, WorkerError};
 use crate::config::Bounds;
+use crate::tls::{MaybeTls, ServerTlsCell};
 use crate::wire::{H2_PREFACE, PROVE_PATH};
 
 // CONNECTIONS
@@ -41,10 +42,11 @@ use crate::wire::{H2_PREFACE, PROVE_PATH};
 const HANDSHAKE_BYTES: usize = H2_PREFACE.len();
 
 /// A served connection; its permit counts it against `max_connections` until it closes. Until
-/// it has sent [`HANDSHAKE_BYTES`], reads fail once `handshake_timeout` has passed, so one byte
-/// and silence do not hold a served connection.
+/// it has sent [`HANDSHAKE_BYTES`] (after TLS's own handshake, when the port serves TLS), reads
+/// fail once `handshake_timeout` has passed, so one byte and silence do not hold a served
+/// connection.
 pub struct Conn {
-    stream: TcpStream,
+    stream: MaybeTls,
     _permit: OwnedSemaphorePermit,
     handshake: Option<(usize, Pin<Box<Sleep>>)>,
 }
@@ -53,7 +55,7 @@ impl Connected for Conn {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+        self.stream.tcp().connect_info()
     }
 }
 
@@ -111,17 +113,23 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// The connections of `listener` that sent their first byte in time, within `bounds`. The accept
-/// loop ends when the returned stream is dropped.
-pub fn incoming(listener: TcpListener, bounds: Bounds) -> ReceiverStream<std::io::Result<Conn>> {
+/// The connections of `listener` that sent their first byte in time, within `bounds`, with the
+/// TLS that `tls` holds when each is accepted. The accept loop ends when the returned stream is
+/// dropped.
+pub fn incoming(
+    listener: TcpListener,
+    bounds: Bounds,
+    tls: ServerTlsCell,
+) -> ReceiverStream<std::io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(bounds.max_connections.max(1));
-    tokio::spawn(accept_loop(listener, bounds, tx));
+    tokio::spawn(accept_loop(listener, bounds, tls, tx));
     ReceiverStream::new(rx)
 }
 
 async fn accept_loop(
     listener: TcpListener,
     bounds: Bounds,
+    tls: ServerTlsCell,
     served: mpsc::Sender<std::io::Result<Conn>>,
 ) {
     let open = Arc::new(Semaphore::new(bounds.max_connections));
@@ -150,33 +158,55 @@ async fn accept_loop(
         }
         let (evict, evicted) = oneshot::channel();
         waiting.push_back(evict);
-        let (open, served) = (Arc::clone(&open), served.clone());
-        tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + bounds.handshake_timeout;
-            let mut first = [0u8; 1];
-            tokio::select! {
-                first = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => {
-                    if !matches!(first, Ok(Ok(1..))) {
-                        debug!("closing a connection that sent nothing within handshake_timeout");
-                        return;
-                    }
-                }
-                _ = evicted => {
-                    debug!("closing a silent connection to make room for a newer one");
-                    return;
-                }
-            }
-            let Ok(permit) = open.try_acquire_owned() else {
-                debug!(
-                    max_connections = bounds.max_connections,
-                    "refusing a connection: max_connections are open"
-                );
-                return;
-            };
-            let handshake = Some((0, Box::pin(tokio::time::sleep_until(deadline))));
-            let _ = served.send(Ok(Conn { stream, _permit: permit, handshake })).await;
-        });
+        let open = Arc::clone(&open);
+        tokio::spawn(admit(stream, evicted, open, bounds, tls.current(), served.clone()));
     }
+}
+
+/// Serves `stream` once it has sent a byte (and, over TLS, completed its handshake) within
+/// `handshake_timeout` and a place among `max_connections` is free; drops it otherwise, or when
+/// `evicted` for a newer connection while silent.
+async fn admit(
+    stream: tokio::net::TcpStream,
+    evicted: oneshot::Receiver<()>,
+    open: Arc<Semaphore>,
+    bounds: Bounds,
+    tls: Option<crate::tls::ServerTls>,
+    served: mpsc::Sender<std::io::Result<Conn>>,
+) {
+    let deadline = tokio::time::Instant::now() + bounds.handshake_timeout;
+    let mut first = [0u8; 1];
+    tokio::select! {
+        first = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => {
+            if !matches!(first, Ok(Ok(1..))) {
+                debug!("closing a connection that sent nothing within handshake_timeout");
+                return;
+            }
+        }
+        _ = evicted => {
+            debug!("closing a silent connection to make room for a newer one");
+            return;
+        }
+    }
+    let Ok(permit) = open.try_acquire_owned() else {
+        debug!(
+            max_connections = bounds.max_connections,
+            "refusing a connection: max_connections are open"
+        );
+        return;
+    };
+    let stream = match tls {
+        None => MaybeTls::Plain(stream),
+        Some(tls) => match tls.accept(stream, deadline).await {
+            Ok(stream) => MaybeTls::Tls(Box::new(stream)),
+            Err(err) => {
+                debug!("closing a connection: {err}");
+                return;
+            }
+        },
+    };
+    let handshake = Some((0, Box::pin(tokio::time::sleep_until(deadline))));
+    let _ = served.send(Ok(Conn { stream, _permit: permit, handshake })).await;
 }
 
 // REQUESTS

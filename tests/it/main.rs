@@ -12,4 +12,5 @@ mod fast;
 mod hostile;
 mod proxy;
 mod support;
+mod tls;
 mod worker;
