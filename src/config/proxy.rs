@@ -406,6 +406,35 @@ impl WorkerAddress {
         self.0.starts_with(HTTPS)
     }
 
+    /// `host:port`, without the scheme.
+    pub fn authority(&self) -> &str {
+        self.0.strip_prefix(HTTPS).or_else(|| self.0.strip_prefix(HTTP)).unwrap_or(&self.0)
+    }
+
+    /// The host, without brackets around an IPv6 address.
+    pub fn host(&self) -> &str {
+        let host = self.authority().rsplit_once(':').map_or("", |(host, _)| host);
+        host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
+    }
+
+    /// Whether the host is a name (resolved by DNS to the workers it stands for), not an IP
+    /// address.
+    pub fn is_name(&self) -> bool {
+        self.host().parse::<IpAddr>().is_err()
+    }
+
+    /// The worker at `addr`, one of the addresses this name resolved to, with its scheme.
+    pub fn member(&self, addr: std::net::SocketAddr) -> WorkerAddress {
+        let scheme = if self.is_tls() {
+            HTTPS
+        } else if self.0.starts_with(HTTP) {
+            HTTP
+        } else {
+            ""
+        };
+        WorkerAddress(format!("{scheme}{addr}"))
+    }
+
     /// The gRPC endpoint the proxy dials (without its TLS settings).
     pub fn endpoint(&self) -> Endpoint {
         endpoint(&self.0).unwrap_or_else(|_| unreachable!("checked when `{self}` was parsed"))
@@ -652,6 +681,14 @@ mod tests {
             assert_eq!(address.endpoint().uri().to_string(), format!("{written}/"));
         }
         assert!(!"h:1".parse::<WorkerAddress>().expect("valid").is_tls());
+        // A name stands for the addresses it resolves to; each keeps the name's scheme.
+        let name: WorkerAddress = "https://provers.internal:50051".parse().expect("valid");
+        assert!(name.is_name());
+        assert_eq!((name.host(), name.authority()), ("provers.internal", "provers.internal:50051"));
+        let member = name.member("[fd00::5]:50051".parse().expect("addr"));
+        assert_eq!(member.as_str(), "https://[fd00::5]:50051");
+        assert!(!member.is_name());
+        assert!(!"[::1]:1".parse::<WorkerAddress>().expect("valid").is_name());
         assert_eq!(fault("https://h"), "`https://h` is not host:port (no port)");
         assert_eq!(
             fault("https://h/x:1"),

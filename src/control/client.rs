@@ -214,7 +214,11 @@ fn table(workers: &[WorkerInfo]) -> String {
         .iter()
         .map(|w| {
             [
-                w.address.clone(),
+                if w.name.is_empty() {
+                    w.address.clone()
+                } else {
+                    format!("{} ({})", w.address, w.name)
+                },
                 w.health.clone(),
                 if w.busy { "yes" } else { "no" }.to_owned(),
                 w.requests_served.to_string(),

@@ -63,6 +63,9 @@ pub struct WorkerInfo {
     pub origin: String,
     /// The version the worker reported; empty until known.
     pub version: String,
+    /// The DNS name it was found under (`host:port` as declared); empty for a worker declared by
+    /// its address.
+    pub name: String,
 }
 
 /// The control operations, shared by every control connection.
@@ -113,7 +116,8 @@ impl Control {
     /// have rejects the whole call.
     pub fn remove_workers(&self, addresses: &[String]) -> Result<(), ControlError> {
         let pool = self.proxy.pool();
-        let present: Vec<String> = pool.snapshot().into_iter().map(|w| w.address).collect();
+        let present: Vec<String> =
+            pool.declared().into_iter().map(|(address, _)| address.to_string()).collect();
         let unknown: Vec<&str> =
             addresses.iter().filter(|a| !present.contains(a)).map(String::as_str).collect();
         if !unknown.is_empty() {
@@ -144,6 +148,7 @@ impl Control {
                 busy: w.busy,
                 requests_served: w.served,
                 version: w.version,
+                name: w.name.unwrap_or_default(),
             })
             .collect()
     }

@@ -78,7 +78,7 @@ impl Bound {
             "proxy listening on {}",
             local(&self.main)
         );
-        if proxy.pool().snapshot().is_empty() {
+        if proxy.pool().declared().is_empty() {
             warn!("no workers configured: requests get UNAVAILABLE until one is added");
         }
     }
@@ -288,13 +288,11 @@ fn reload(
 fn reconcile_workers(proxy: &Proxy, configured: &[WorkerAddress]) -> (Vec<String>, Vec<String>) {
     let pool = proxy.pool();
     let (mut added, mut removed) = (Vec::new(), Vec::new());
-    for worker in pool.snapshot() {
-        if worker.origin == Origin::Config
-            && !configured.iter().any(|c| *c == worker.address.as_str())
-        {
-            pool.remove(&worker.address);
-            info!(worker = %worker.address, "worker removed (no longer in the configuration)");
-            removed.push(worker.address);
+    for (address, origin) in pool.declared() {
+        if origin == Origin::Config && !configured.contains(&address) {
+            pool.remove(address.as_str());
+            info!(worker = %address, "worker removed (no longer in the configuration)");
+            removed.push(address.to_string());
         }
     }
     for address in configured {

@@ -1,9 +1,11 @@
-//! The health loop: every interval, checks the workers that are due, in parallel (at most
+//! The health loop: every interval, resolves the workers declared by DNS name (each address in
+//! the answer is a worker; [`WorkerPool::set_members`]), then checks the workers that are due, in parallel (at most
 //! [`MAX_CONCURRENT_CHECKS`] at once) and outside the pool's lock, each with its own timeout: standard gRPC health, then `WorkerStatus` (proof
 //! type must match; version must share major.minor with the proxy). Failed workers stay in the
 //! list and are re-checked with exponential backoff (up to eight intervals); a recovered worker
 //! turns healthy and takes requests again.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,6 +34,7 @@ pub async fn run(
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CHECKS));
     loop {
         let (every, timeout) = settings();
+        resolve_names(&pool, timeout).await;
         let now = Instant::now();
         let mut checks = tokio::task::JoinSet::new();
         for (address, channel, failed) in pool.due_for_check(now) {
@@ -66,6 +69,36 @@ pub async fn run(
         tokio::select! {
             () = tokio::time::sleep(every) => {},
             () = pool.check_requested() => {},
+        }
+    }
+}
+
+/// Resolves every declared name and makes its workers the addresses it stands for now. A name
+/// that fails to resolve keeps the workers it had (a DNS outage must not empty the fleet).
+async fn resolve_names(pool: &WorkerPool, timeout: Duration) {
+    for name in pool.names() {
+        let lookup = tokio::net::lookup_host(name.authority().to_owned());
+        let addrs = match tokio::time::timeout(timeout, lookup).await {
+            Ok(Ok(addrs)) => addrs,
+            Ok(Err(err)) => {
+                warn!(%name, "cannot resolve the worker name: {err}; its workers stay as they were");
+                continue;
+            }
+            Err(_) => {
+                warn!(%name, "no DNS answer within {timeout:?}; the name's workers stay as they were");
+                continue;
+            }
+        };
+        // One per socket type in getaddrinfo's answer.
+        let mut addrs: Vec<SocketAddr> = addrs.collect();
+        addrs.sort_unstable();
+        addrs.dedup();
+        let (added, removed) = pool.set_members(&name, &addrs);
+        for worker in added {
+            info!(%worker, %name, "worker found under its DNS name");
+        }
+        for worker in removed {
+            info!(%worker, %name, "worker gone from its name's DNS answer; removed once idle");
         }
     }
 }

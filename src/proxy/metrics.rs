@@ -45,6 +45,8 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// Attempts repeated on another worker (upstream `request_retries`).
     pub retries: IntCounter,
+    /// Workers found busy with another proxy's request (two proxies, one fleet).
+    pub taken_elsewhere: IntCounter,
     /// Whole request duration, queue included (upstream `request_latency`).
     pub request_duration: HistogramVec,
     /// Requests refused by the per-IP rate limit (upstream `rate_limited_requests`,
@@ -82,6 +84,10 @@ const WORKER_REQUESTS: Def = ("mps_proxy_worker_requests_total", "Attempts sent 
 const REQUESTS: Def =
     ("mps_proxy_requests_total", "Finished requests by proof type and gRPC status code");
 const RETRIES: Def = ("mps_proxy_request_retries_total", "Attempts repeated on another worker");
+const TAKEN_ELSEWHERE: Def = (
+    "mps_proxy_workers_taken_elsewhere_total",
+    "Workers that answered busy with another proxy's request; the request went to another worker",
+);
 const REQUEST_DURATION: Def =
     ("mps_proxy_request_duration_seconds", "Whole request duration, queue wait included");
 const RATE_LIMITED: Def =
@@ -122,6 +128,7 @@ impl Metrics {
             worker_requests: add.counter_vec(WORKER_REQUESTS, &["worker"]),
             requests: add.counter_vec(REQUESTS, &["proof_type", "code"]),
             retries: add.counter(RETRIES),
+            taken_elsewhere: add.counter(TAKEN_ELSEWHERE),
             request_duration: add.histogram_vec(REQUEST_DURATION, &["proof_type"]),
             rate_limited: add.counter(RATE_LIMITED),
             poison_refused: add.counter(POISON_REFUSED),
@@ -342,6 +349,7 @@ mod tests {
             served: 0,
             times_unhealthy: 2,
             origin: Origin::Config,
+            name: None,
         };
         let text = metrics.render_upstream(&[worker]);
 

@@ -92,6 +92,8 @@ pub struct WorkerSnapshot {
     pub times_unhealthy: u64,
     /// Configuration or run time.
     pub origin: Origin,
+    /// The DNS name this worker was found under (`host:port` as declared), if any.
+    pub name: Option<String>,
 }
 
 /// Why no lease was given.
@@ -132,6 +134,8 @@ struct WorkerEntry {
     /// and each lease frees its own.
     id: u64,
     address: WorkerAddress,
+    /// The declared name whose DNS answer this worker is (it goes when the answer drops it).
+    name: Option<WorkerAddress>,
     channel: Channel,
     /// What the channel was made with: when a reload changed the pool's settings, the channel
     /// is made anew once the worker is idle.
@@ -190,8 +194,17 @@ struct Grant {
     channel: Channel,
 }
 
+/// A worker entry that is a DNS name: it stands for every address it resolves to, each a
+/// worker of its own (`WorkerEntry::name`), re-resolved every health interval.
+struct Named {
+    address: WorkerAddress,
+    origin: Origin,
+}
+
 struct State {
     workers: Vec<WorkerEntry>,
+    /// Declared names, in the order they were added.
+    names: Vec<Named>,
     waiters: VecDeque<Waiter>,
     next_waiter: u64,
     next_worker: u64,
@@ -342,6 +355,7 @@ impl WorkerPool {
         Arc::new(WorkerPool {
             state: Mutex::new(State {
                 workers: Vec::new(),
+                names: Vec::new(),
                 waiters: VecDeque::new(),
                 next_waiter: 0,
                 next_worker: 0,
@@ -375,12 +389,45 @@ impl WorkerPool {
         self.changed.subscribe()
     }
 
-    /// Adds a worker (unchecked: it takes requests once a health check passes). Returns false
-    /// when it is already present (a present worker named by the configuration becomes a
-    /// configured one). Does no network I/O: the channel connects on first use.
+    /// Adds a worker (unchecked: it takes requests once a health check passes), or a name that
+    /// stands for the workers it resolves to (resolved by the health loop, at once and then every
+    /// interval: [`WorkerPool::set_members`]). Returns false when it is already present (a
+    /// present one named by the configuration becomes a configured one). Does no network I/O:
+    /// the channel connects on first use.
     pub fn add(&self, address: &WorkerAddress, origin: Origin) -> Result<bool, AddError> {
+        if address.is_name() {
+            return Ok(self.add_name(address, origin));
+        }
+        self.add_entry(address, None, origin)
+    }
+
+    fn add_name(&self, address: &WorkerAddress, origin: Origin) -> bool {
+        let mut state = self.lock();
+        if let Some(present) = state.names.iter_mut().find(|n| n.address == *address) {
+            if origin == Origin::Config {
+                present.origin = Origin::Config;
+                for member in state.workers.iter_mut().filter(|w| w.name.as_ref() == Some(address))
+                {
+                    member.origin = Origin::Config;
+                }
+            }
+            return false;
+        }
+        state.names.push(Named { address: address.clone(), origin });
+        drop(state);
+        self.notify();
+        self.check_now.notify_one();
+        true
+    }
+
+    fn add_entry(
+        &self,
+        address: &WorkerAddress,
+        name: Option<&WorkerAddress>,
+        origin: Origin,
+    ) -> Result<bool, AddError> {
         let settings = self.channel_settings();
-        let channel = connect_lazy(address, &settings);
+        let channel = connect_lazy(address, name, &settings);
         let mut state = self.lock();
         if let Some(present) =
             state.workers.iter_mut().find(|w| w.address == *address && !w.removed)
@@ -401,6 +448,7 @@ impl WorkerPool {
         state.workers.push(WorkerEntry {
             id,
             address: address.clone(),
+            name: name.cloned(),
             channel,
             made_with: settings,
             renewed: 0,
@@ -420,21 +468,66 @@ impl WorkerPool {
         Ok(true)
     }
 
-    /// Removes a worker; a request running on it finishes first. Returns false when absent.
+    /// Removes a worker, or a name with every worker it resolved to; a request running on one
+    /// finishes first. Returns false when absent.
     pub fn remove(&self, address: &str) -> bool {
         let mut state = self.lock();
-        let Some(index) = state.workers.iter().position(|w| w.address == address && !w.removed)
-        else {
-            return false;
-        };
-        if state.workers[index].busy {
-            state.workers[index].removed = true;
+        if let Some(index) = state.names.iter().position(|n| n.address == address) {
+            let name = state.names.remove(index).address;
+            state.workers.retain_mut(|w| w.name.as_ref() != Some(&name) || drain(w));
         } else {
-            state.workers.remove(index);
+            let Some(index) = state.workers.iter().position(|w| w.address == address && !w.removed)
+            else {
+                return false;
+            };
+            if !drain(&mut state.workers[index]) {
+                state.workers.remove(index);
+            }
         }
         drop(state);
         self.notify();
         true
+    }
+
+    /// The declared names, for the resolver.
+    pub fn names(&self) -> Vec<WorkerAddress> {
+        self.lock().names.iter().map(|n| n.address.clone()).collect()
+    }
+
+    /// Makes `name`'s workers the addresses it resolved to now: new ones are added (unchecked),
+    /// those no longer in the answer are removed (a request running on one finishes first).
+    /// Returns the addresses added and removed; nothing when the name is no longer declared.
+    pub fn set_members(
+        &self,
+        name: &WorkerAddress,
+        resolved: &[std::net::SocketAddr],
+    ) -> (Vec<String>, Vec<String>) {
+        let wanted: Vec<WorkerAddress> = resolved.iter().map(|addr| name.member(*addr)).collect();
+        let (origin, gone) = {
+            let mut state = self.lock();
+            let Some(origin) = state.names.iter().find(|n| n.address == *name).map(|n| n.origin)
+            else {
+                return (Vec::new(), Vec::new());
+            };
+            let is_gone =
+                |w: &WorkerEntry| w.name.as_ref() == Some(name) && !wanted.contains(&w.address);
+            let gone: Vec<String> =
+                state.listed().filter(|w| is_gone(w)).map(|w| w.address.to_string()).collect();
+            state.workers.retain_mut(|w| w.removed || !is_gone(w) || drain(w));
+            (origin, gone)
+        };
+        let mut added = Vec::new();
+        for address in &wanted {
+            match self.add_entry(address, Some(name), origin) {
+                Ok(true) => added.push(address.to_string()),
+                Ok(false) => {}
+                Err(err) => tracing::warn!(worker = %address, %name, "not added: {err}"),
+            }
+        }
+        if !gone.is_empty() {
+            self.notify();
+        }
+        (added, gone)
     }
 
     /// Admits a request for the shutdown drain's count, or refuses it when the proxy stops.
@@ -577,18 +670,24 @@ impl WorkerPool {
                 served: w.served,
                 times_unhealthy: w.times_unhealthy,
                 origin: w.origin,
+                name: w.name.as_ref().map(ToString::to_string),
             })
             .collect()
     }
 
-    /// The addresses of the workers added at run time, in the order they were added.
+    /// The workers and names as declared (configuration, control socket), with their origin:
+    /// a name once, not the workers it resolved to.
+    pub fn declared(&self) -> Vec<(WorkerAddress, Origin)> {
+        let state = self.lock();
+        let workers = state.listed().filter(|w| w.name.is_none());
+        let workers = workers.map(|w| (w.address.clone(), w.origin));
+        workers.chain(state.names.iter().map(|n| (n.address.clone(), n.origin))).collect()
+    }
+
+    /// The workers and names added at run time, in the order they were added (names last).
     pub fn runtime_workers(&self) -> Vec<WorkerAddress> {
-        self.lock()
-            .workers
-            .iter()
-            .filter(|w| !w.removed && w.origin == Origin::Runtime)
-            .map(|w| w.address.clone())
-            .collect()
+        let declared = self.declared().into_iter();
+        declared.filter(|(_, origin)| *origin == Origin::Runtime).map(|(a, _)| a).collect()
     }
 
     /// Requests waiting for a worker, and the bound.
@@ -646,19 +745,25 @@ impl WorkerPool {
     }
 }
 
-/// A channel to `address` made with `settings`; connects on first use.
-fn connect_lazy(address: &WorkerAddress, settings: &ChannelSettings) -> Channel {
+/// A channel to `address` made with `settings`; connects on first use. A worker found under a
+/// DNS `name` is dialled at its address and its TLS certificate checked against the name.
+fn connect_lazy(
+    address: &WorkerAddress,
+    name: Option<&WorkerAddress>,
+    settings: &ChannelSettings,
+) -> Channel {
     let mut endpoint = address.endpoint();
     if address.is_tls() {
+        let mut tls = settings.tls.config(settings.connect_timeout);
+        if let Some(name) = name {
+            tls = tls.domain_name(name.host());
+        }
         // The files were checked when the settings were loaded; a failure here leaves the
         // endpoint without TLS, which tonic refuses to dial: the worker's health says why.
-        endpoint = endpoint
-            .clone()
-            .tls_config(settings.tls.config(settings.connect_timeout))
-            .unwrap_or_else(|err| {
-                tracing::warn!(worker = %address, "no TLS settings for this worker: {err}");
-                endpoint
-            });
+        endpoint = endpoint.clone().tls_config(tls).unwrap_or_else(|err| {
+            tracing::warn!(worker = %address, "no TLS settings for this worker: {err}");
+            endpoint
+        });
     }
     endpoint
         .connect_timeout(settings.connect_timeout)
@@ -678,11 +783,18 @@ fn renew_if_stale(worker: &mut WorkerEntry, settings: &ChannelSettings) {
     }
     // The address was accepted when the worker was added.
     {
-        let channel = connect_lazy(&worker.address, settings);
+        let channel = connect_lazy(&worker.address, worker.name.as_ref(), settings);
         worker.channel = channel;
         worker.made_with = settings.clone();
         worker.renewed += 1;
     }
+}
+
+/// Marks a worker that is being removed; true when it must stay listed, `removed`, until its
+/// request ends (it is busy), false when it can go at once.
+fn drain(worker: &mut WorkerEntry) -> bool {
+    worker.removed = true;
+    worker.busy
 }
 
 /// Hands free workers to waiters, first come first served (a waiter skips workers it excluded).
@@ -999,6 +1111,48 @@ mod tests {
         drop(first);
         assert!(!busy(&pool, A));
         assert!(changed.has_changed().expect("the pool is alive"), "no change was announced");
+    }
+
+    /// A name stands for the addresses it resolves to: each is a worker shown with the name,
+    /// the answer's changes add and drain workers, and the name is declared (and removed) once.
+    #[tokio::test(start_paused = true)]
+    async fn a_dns_name_follows_its_answer_and_drains_the_addresses_it_drops() {
+        let pool = pool_of(4, &[]);
+        let name: WorkerAddress = "provers.internal:50051".parse().expect("valid");
+        assert!(pool.add(&name, Origin::Config).expect("a name is declared"));
+        assert!(pool.snapshot().is_empty(), "no worker until the name resolves");
+        let at = |ip: &str| -> std::net::SocketAddr { format!("{ip}:50051").parse().expect("ip") };
+        let (added, gone) = pool.set_members(&name, &[at("10.0.0.1"), at("10.0.0.2")]);
+        assert_eq!((added.len(), gone.len()), (2, 0));
+        let shown: Vec<_> = pool.snapshot().into_iter().map(|w| (w.address, w.name)).collect();
+        let named = Some("provers.internal:50051".to_owned());
+        assert_eq!(
+            shown,
+            [("10.0.0.1:50051".to_owned(), named.clone()), ("10.0.0.2:50051".to_owned(), named)]
+        );
+        assert_eq!(pool.declared(), [(name.clone(), Origin::Config)]);
+
+        // 10.0.0.1 is busy when the answer drops it: it stays until its request ends.
+        healthy(&pool, "10.0.0.1:50051");
+        let lease = lease_now(&pool, &[], false);
+        let (added, gone) = pool.set_members(&name, &[at("10.0.0.2"), at("10.0.0.3")]);
+        assert_eq!(
+            (added, gone),
+            (vec!["10.0.0.3:50051".to_owned()], vec![lease.address().into()])
+        );
+        let listed = |pool: &WorkerPool| -> Vec<String> {
+            pool.snapshot().into_iter().map(|w| w.address).collect()
+        };
+        assert_eq!(listed(&pool), ["10.0.0.2:50051", "10.0.0.3:50051"]);
+        assert_eq!(pool.lock().workers.len(), 3, "the busy one drains");
+        drop(lease);
+        assert_eq!(pool.lock().workers.len(), 2);
+
+        // The same answer again changes nothing; removing the name removes its workers.
+        assert_eq!(pool.set_members(&name, &[at("10.0.0.3"), at("10.0.0.2")]), (vec![], vec![]));
+        assert!(pool.remove(name.as_str()));
+        assert!(pool.snapshot().is_empty() && pool.names().is_empty());
+        assert_eq!(pool.set_members(&name, &[at("10.0.0.9")]), (vec![], vec![]), "not declared");
     }
 
     #[tokio::test(start_paused = true)]

@@ -222,7 +222,8 @@ impl Proxy {
     ) -> Result<Bytes, ProxyError> {
         let attempts = 1 + call.live.max_retries_per_request;
         let mut tried = Tried::default();
-        for attempt in 1..=attempts {
+        let mut attempt = 1;
+        while attempt <= attempts {
             let lease = self.acquire(attempt, &tried, call.live).await?;
             flight.start();
             // The worker's trace parent: this attempt's span when this proxy exports traces
@@ -233,6 +234,10 @@ impl Proxy {
                 Ok(proof) => return Ok(proof),
                 Err(failure) => failure,
             };
+            if matches!(failure, Failure::Busy) && tried.taken_elsewhere < MAX_TAKEN_ELSEWHERE {
+                span.in_scope(|| self.taken_elsewhere(lease, &mut tried));
+                continue;
+            }
             let lease = self.failed(lease, failure, &mut tried, call)?;
             span.in_scope(|| warn!(attempts, failure = %tried.last, "attempt failed"));
             tried.excluded.push(lease.address().to_owned());
@@ -240,6 +245,7 @@ impl Proxy {
             if attempt < attempts {
                 self.metrics.retries.inc();
             }
+            attempt += 1;
         }
         Err(ProxyError::Exhausted { attempts, last: tried.last })
     }
@@ -299,6 +305,18 @@ impl Proxy {
             Err(_elapsed) => Err(Failure::TimedOut),
         };
         (lease, answer)
+    }
+
+    /// The worker answered busy although this proxy held it free: another proxy's request took
+    /// it (two proxies in front of one fleet). Not a failure and not an attempt: the worker stays
+    /// leased here until its `WorkerStatus` says it is idle, so this proxy sends it nothing
+    /// meanwhile, and the request goes to another free worker at once (or waits in the queue).
+    fn taken_elsewhere(&self, lease: pool::Lease, tried: &mut Tried) {
+        tried.taken_elsewhere += 1;
+        tried.last = format!("worker {} is busy with another proxy's request", lease.address());
+        info!(worker = lease.address(), "worker taken by another proxy's request; trying another");
+        self.metrics.taken_elsewhere.inc();
+        hold_until_idle(lease);
     }
 
     /// What a failed attempt means: another try (the lease comes back, the failure noted in
@@ -380,7 +398,13 @@ struct Tried {
     last: String,
     /// Workers that died under this request (not: could not be reached).
     deaths: u32,
+    /// Workers found busy with another proxy's request (not counted as attempts).
+    taken_elsewhere: u32,
 }
+
+/// How many workers a request may find taken by other proxies before a busy answer counts as an
+/// attempt: a bound on one request's rounds when every proxy's view of the fleet is stale.
+const MAX_TAKEN_ELSEWHERE: u32 = 16;
 
 /// The call to a worker: the message, and trace headers. The worker's trace parent is the
 /// attempt's span when this proxy exports traces; otherwise (no exporter, or a log filter that

@@ -42,6 +42,10 @@ pub struct WorkerStatus {
     pub requests_served: u64,
     /// `"config"` or `"runtime"`.
     pub source: Origin,
+    /// The DNS name it was found under (`host:port` as declared); absent for a worker declared
+    /// by its address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// The queue's length and bound.
@@ -130,6 +134,7 @@ impl From<pool::WorkerSnapshot> for WorkerStatus {
             busy: w.busy,
             requests_served: w.served,
             source: w.origin,
+            name: w.name,
         }
     }
 }
@@ -215,6 +220,7 @@ mod tests {
             busy,
             requests_served: 3,
             source,
+            name: None,
         };
         StatusDocument {
             version: "0.1.0".to_owned(),

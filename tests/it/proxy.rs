@@ -53,7 +53,7 @@ async fn two_workers_serve_four_concurrent_clients() {
     let sample = sample_transactions(4).await.expect("sample transactions");
     let w1 = Launch::worker("transaction").start().await;
     let w2 = Launch::worker("transaction").start().await;
-    // One worker by host name: names are resolved, not rejected.
+    // One worker by host name: the name stands for the address it resolves to.
     let mut launch = Launch::proxy("transaction", &[&w1]);
     let by_name = format!("localhost:{}", w2.addr.port());
     launch.command.arg(&by_name);
@@ -69,7 +69,9 @@ async fn two_workers_serve_four_concurrent_clients() {
         verify_tx(&proof.into_inner().payload);
     }
     let status = proxy.status_json().await;
-    let served: Vec<u64> = [w1.addr.to_string(), by_name]
+    let found = worker_entry(&status, &w2.addr.to_string());
+    assert_eq!(found["name"], by_name.as_str(), "shown with the name it was found under");
+    let served: Vec<u64> = [w1.addr.to_string(), w2.addr.to_string()]
         .iter()
         .map(|address| worker_entry(&status, address)["requests_served"].as_u64().expect("n"))
         .collect();
