@@ -6,16 +6,20 @@
 #   - systemd-journald (package systemd) and unshare (util-linux) for the journald test;
 #   - dbus-send (dbus-bin), an independent D-Bus client of the control socket;
 #   - openssl, which makes the TLS tests' CAs and certificates as an operator would;
+#   - ip and tc (iproute2) and dnsmasq (dnsmasq-base, the program only: no service) for the fleet
+#     tests' hosts made of network namespaces (harness::rig); without namespaces they skip, unless
+#     MPSDEV_REQUIRE_NETNS is set;
 #   - promtool, unpacked from Debian's prometheus package into target/tools (not installed,
 #     which would start a Prometheus server), to lint the proxy's metrics.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ ! -x /lib/systemd/systemd-journald ] || ! command -v unshare >/dev/null ||
-    ! command -v dbus-send >/dev/null || ! command -v openssl >/dev/null; then
+    ! command -v dbus-send >/dev/null || ! command -v openssl >/dev/null ||
+    ! command -v ip >/dev/null || ! command -v tc >/dev/null || ! command -v dnsmasq >/dev/null; then
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        systemd util-linux dbus-bin openssl
+        systemd util-linux dbus-bin openssl iproute2 dnsmasq-base
 fi
 if [ -z "${PROMTOOL:-}" ]; then
     PROMTOOL="$PWD/target/tools/usr/bin/promtool"

@@ -424,6 +424,7 @@ impl WorkerAddress {
     }
 
     /// The worker at `addr`, one of the addresses this name resolved to, with its scheme.
+    #[must_use]
     pub fn member(&self, addr: std::net::SocketAddr) -> WorkerAddress {
         let scheme = if self.is_tls() {
             HTTPS

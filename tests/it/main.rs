@@ -9,6 +9,7 @@ mod cache;
 mod clients;
 mod control;
 mod fast;
+mod fleet;
 mod hostile;
 mod proxy;
 mod support;

@@ -125,6 +125,18 @@ impl Launch {
         launch
     }
 
+    /// A worker for `kind` on every address of its host (a rig's host) at `port`.
+    pub fn worker_on_all_addresses(kind: &str, port: u16) -> Self {
+        let mut launch = Launch::service(&[]);
+        let config = launch.dir.path().join("worker.toml");
+        std::fs::write(&config, "").expect("empty worker.toml");
+        let config = config.to_str().expect("utf-8 path").to_owned();
+        let port = port.to_string();
+        let args = ["start-worker", "--port", &port, "--prover-type", kind, "--config", &config];
+        launch.command.args(args);
+        launch
+    }
+
     /// A worker for `kind` that keeps no finished proofs: one that proves the same request
     /// again (benchmarks, which measure proving).
     pub fn worker_proving_every_request(kind: &str) -> Self {
@@ -142,13 +154,19 @@ impl Launch {
 
     /// [`Launch::proxy`] for workers given by address (such as the benchmarks' stand-ins).
     pub fn proxy_for(kind: &str, workers: &[SocketAddr]) -> Self {
+        let workers: Vec<String> = workers.iter().map(ToString::to_string).collect();
+        Launch::proxy_at("127.0.0.1", kind, &workers)
+    }
+
+    /// [`Launch::proxy`] listening on `bind` (a rig host's address) for workers as written.
+    pub fn proxy_at(bind: &str, kind: &str, workers: &[String]) -> Self {
         let mut launch = Launch::service(&[]);
         let config = launch.dir.path().join("proxy.toml");
         std::fs::write(&config, "").expect("empty proxy.toml");
         launch.command.args([
             "start-proxy",
             "--bind-address",
-            "127.0.0.1",
+            bind,
             "--port",
             "0",
             "--status-port",
@@ -160,7 +178,7 @@ impl Launch {
             "--config",
             config.to_str().expect("utf-8 path"),
         ]);
-        launch.command.args(workers.iter().map(ToString::to_string));
+        launch.command.args(workers);
         launch.command.envs([
             ("MPS_HEALTH_CHECK_INTERVAL", "200ms"),
             ("MPS_HEALTH_CHECK_TIMEOUT", "2s"),

@@ -10,6 +10,7 @@
 //! - [`requests`]: proof requests and the verification of a transaction proof.
 //! - [`fixtures`]: real Miden inputs from `MockChain`, and proving in this process.
 //! - [`standin`]: STAND-IN workers that answer with dummy proofs, to load the proxy.
+//! - [`rig`]: hosts made of network namespaces, with link faults and a DNS server.
 
 pub mod daemon;
 pub mod fixtures;
@@ -17,6 +18,7 @@ pub mod http;
 pub mod notify;
 pub mod procfs;
 pub mod requests;
+pub mod rig;
 pub mod standin;
 
 pub use daemon::{Daemon, Launch, Proxy, START_TIMEOUT, bin, clean_env, minedctl};
