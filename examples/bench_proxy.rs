@@ -1,7 +1,7 @@
 //! Benchmarks of the proxy, each side by side with its baseline in one run.
 //!
 //! ```sh
-//! cargo build --locked --bins --examples && target/debug/examples/bench_proxy [fake|real|batch|all]
+//! cargo build --locked --bins --examples && target/debug/examples/bench_proxy [fake|real|batch|cache|fleet|all]
 //! unshare --net sh -c 'ip link set lo up && UPSTREAM_BIN=… target/debug/examples/bench_proxy upstream'
 //! ```
 //!
@@ -15,6 +15,10 @@
 //!   against the same 4 proofs in-process one after another (wall ratio, and the proxy's CPU
 //!   seconds from /proc); then batch proofs through the proxy against in-process (medians). The
 //!   proof cache is off there: proving is what is measured.
+//! - `fleet`: the `fake` load on hosts made of network namespaces (root; `harness::rig`): two
+//!   stand-ins on each of four worker hosts, the clients on a client host, through one proxy and
+//!   through two, in plaintext and with TLS on both hops; throughput against the ideal, the
+//!   added latency of 8 clients, and TLS's cost as the proxies' CPU per request.
 //! - `cache`: real transaction proofs and the proof cache. A request answered from the cache
 //!   against proving it (medians); then a retry storm — 8 clients over 2 distinct inputs and two
 //!   workers, each client with a deadline of half the proof time, retrying until it has its proof
@@ -25,7 +29,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use harness::requests::{request, tx_request};
-use harness::standin::Answer;
+use harness::rig::Rig;
+use harness::standin::{Answer, start_at};
 use miden_objects::MIN_PROOF_SECURITY_LEVEL;
 use miden_objects::transaction::ProvenTransaction;
 use miden_objects::utils::{Deserializable, Serializable};
@@ -33,7 +38,7 @@ use miden_proving_service::ProofKind;
 use miden_proving_service::proto::ProofType;
 use miden_proving_service::proto::api_client::ApiClient;
 use miden_tx_batch_prover::LocalBatchProver;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 const FAKE_DELAY: Duration = Duration::from_millis(50);
 const PAYLOAD_BYTES: usize = 109_000;
@@ -55,11 +60,18 @@ async fn start_fake_workers_answering(
 }
 
 async fn client(addr: SocketAddr) -> ApiClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
+    client_over(addr, None).await
+}
+
+/// A client of `addr`: cleartext, or TLS trusting the PEM CA `ca`.
+async fn client_over(addr: SocketAddr, ca: Option<Vec<u8>>) -> ApiClient<Channel> {
+    let scheme = if ca.is_some() { "https" } else { "http" };
+    let mut endpoint = Channel::from_shared(format!("{scheme}://{addr}")).expect("uri");
+    if let Some(ca) = ca {
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        endpoint = endpoint.tls_config(tls).expect("TLS settings");
+    }
+    let channel = endpoint.connect().await.expect("connect");
     ApiClient::new(channel).max_decoding_message_size(1 << 26)
 }
 
@@ -85,13 +97,23 @@ static DISTINCT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::ne
 /// One client loop per target, each sending `per_client` requests one after another, until
 /// `deadline`; a request unanswered by then counts as sent, not answered.
 async fn run_load(targets: Vec<SocketAddr>, per_client: usize, deadline: Duration) -> Load {
+    run_load_over(targets, per_client, deadline, None).await
+}
+
+/// [`run_load`] over TLS when `ca` is given.
+async fn run_load_over(
+    targets: Vec<SocketAddr>,
+    per_client: usize,
+    deadline: Duration,
+    ca: Option<Vec<u8>>,
+) -> Load {
     let request = request(ProofType::Transaction, vec![1; PAYLOAD_BYTES]);
     let started = Instant::now();
     let end = tokio::time::Instant::now() + deadline;
     let mut tasks = Vec::new();
     for target in targets {
         let request = request.clone();
-        let mut api = client(target).await;
+        let mut api = client_over(target, ca.clone()).await;
         tasks.push(tokio::spawn(async move {
             let (mut latencies, mut sent) = (Vec::with_capacity(per_client), 0);
             for _ in 0..per_client {
@@ -481,6 +503,142 @@ async fn cache() {
     }
 }
 
+/// `fleet`: the stand-in load on hosts made of network namespaces (`harness::rig`): 8 stand-ins
+/// on four worker hosts (two each), clients on a client host, through one proxy and through two
+/// (clients alternating), in plaintext and with TLS on both hops (clients → proxy, proxy →
+/// stand-ins). Added latency: 8 clients through the proxies against 8 clients calling the
+/// stand-ins directly over the same links; throughput: 64 clients against the ideal 160 req/s;
+/// TLS's cost: the proxies' CPU per request, TLS against plaintext.
+async fn fleet() {
+    let roles = ["client", "proxy-a", "proxy-b", "worker-1", "worker-2", "worker-3", "worker-4"];
+    let rig = harness::rig::Rig::new(&roles).expect("the rig needs root and iproute2");
+    let certs = tempfile::tempdir().expect("tempdir");
+    let ips: Vec<std::net::IpAddr> = roles.iter().map(|r| rig.host(r).ip.into()).collect();
+    harness::certs::make_ca(certs.path(), "ca");
+    harness::certs::make_cert(certs.path(), "host", "ca", &ips);
+    let file = |name: &str| certs.path().join(name).to_str().expect("utf-8").to_owned();
+    let read = |name: &str| std::fs::read(file(name)).expect("a certificate file");
+    let identity = (read("host.pem"), read("host.key"));
+    println!("## the fleet rig: {}", rig.describe());
+    println!("| run | answered | throughput | p50 | p99 | proxies' CPU |");
+    println!("|---|---|---|---|---|---|");
+    let mut cpu_per_request = Vec::new();
+    for tls in [false, true] {
+        let label = if tls { "TLS" } else { "plaintext" };
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let workers = fleet_standins(&rig, tls.then(|| identity.clone()), &stopped).await;
+        let proxies = fleet_proxies(&rig, &workers, tls.then_some(certs.path())).await;
+        let ca = tls.then(|| read("ca.pem"));
+        let direct = load_from(&rig, workers.clone(), 40, ca.clone()).await;
+        fleet_row(&format!("{label}: 8 clients → stand-ins directly"), &direct, None);
+        for count in [1, 2] {
+            let name = if count == 1 { "1 proxy" } else { "2 proxies" };
+            let targets = |n: usize| (0..n).map(|i| proxies[i % count].daemon.addr).collect();
+            let through = load_from(&rig, targets(8), 40, ca.clone()).await;
+            fleet_row(&format!("{label}: 8 clients → {name}"), &through, None);
+            let before: f64 = proxies.iter().map(|p| cpu_seconds(p.daemon.pid)).sum();
+            let loaded = load_from(&rig, targets(64), 2_048 / 64, ca.clone()).await;
+            let cpu = proxies.iter().map(|p| cpu_seconds(p.daemon.pid)).sum::<f64>() - before;
+            fleet_row(&format!("{label}: 64 clients → {name}"), &loaded, Some(cpu));
+            cpu_per_request.push(cpu / loaded.latencies.len().max(1) as f64);
+            println!(
+                "{label}, {name}: added p50 {:.2} ms, p99 {:.2} ms (8 clients); 64 clients {:.1} % of 160 req/s",
+                ms(percentile(&through.latencies, 0.5)) - ms(percentile(&direct.latencies, 0.5)),
+                ms(percentile(&through.latencies, 0.99)) - ms(percentile(&direct.latencies, 0.99)),
+                loaded.latencies.len() as f64 / loaded.wall.as_secs_f64() / 160.0 * 100.0,
+            );
+        }
+        drop(proxies);
+        let _ = stop.send(true);
+    }
+    println!(
+        "TLS's cost, the proxies' CPU per request TLS / plaintext: one proxy {:.2}×, two {:.2}×",
+        cpu_per_request[2] / cpu_per_request[0],
+        cpu_per_request[3] / cpu_per_request[1]
+    );
+}
+
+/// Two stand-ins on each of the rig's four worker hosts, serving (over TLS with `tls`) until
+/// `stopped`; TLS takes other ports, so a plaintext round's listeners may still be closing.
+async fn fleet_standins(
+    rig: &Rig,
+    tls: Option<(Vec<u8>, Vec<u8>)>,
+    stopped: &tokio::sync::watch::Receiver<bool>,
+) -> Vec<SocketAddr> {
+    let ports = if tls.is_some() { [50061, 50062] } else { [50051, 50052] };
+    let mut addrs = Vec::new();
+    for role in ["worker-1", "worker-2", "worker-3", "worker-4"] {
+        let host: Vec<SocketAddr> =
+            ports.iter().map(|port| SocketAddr::new(rig.host(role).ip.into(), *port)).collect();
+        let (tls, mut stopped, listen) = (tls.clone(), stopped.clone(), host.clone());
+        let (ready, up) = tokio::sync::oneshot::channel();
+        drop(rig.spawn_in(role, move || async move {
+            let version = env!("CARGO_PKG_VERSION");
+            for bind in listen {
+                start_at(bind, version, FAKE_DELAY, Answer::Proof, tls.clone()).await;
+            }
+            let _ = ready.send(());
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }));
+        up.await.expect("the stand-ins are up");
+        addrs.extend(host);
+    }
+    addrs
+}
+
+/// A proxy on each proxy host in front of `workers` (over TLS, both ways, with the
+/// certificates in `certs`).
+async fn fleet_proxies(
+    rig: &Rig,
+    workers: &[SocketAddr],
+    certs: Option<&std::path::Path>,
+) -> Vec<harness::Proxy> {
+    let scheme = if certs.is_some() { "https://" } else { "" };
+    let listed: Vec<String> = workers.iter().map(|a| format!("{scheme}{a}")).collect();
+    let mut proxies = Vec::new();
+    for role in ["proxy-a", "proxy-b"] {
+        let ip = rig.host(role).ip.to_string();
+        let mut launch = harness::Launch::proxy_at(&ip, "transaction", &listed);
+        // 64 clients from one host: the per-client bound would be exactly full.
+        launch.command.env("MPS_MAX_QUEUE_ITEMS", "128");
+        launch.command.env("MPS_MAX_CONNECTIONS_PER_CLIENT", "128");
+        if let Some(dir) = certs {
+            launch.command.env("MPS_TLS_CERT_FILE", dir.join("host.pem"));
+            launch.command.env("MPS_TLS_KEY_FILE", dir.join("host.key"));
+            launch.command.env("MPS_TLS_WORKER_CA_FILE", dir.join("ca.pem"));
+        }
+        let mut proxy = rig.launch_in(role, launch).start_proxy().await;
+        proxy.wait_healthy(8, 8).await;
+        proxies.push(proxy);
+    }
+    proxies
+}
+
+/// [`run_load_over`] from the rig's client host.
+async fn load_from(
+    rig: &Rig,
+    targets: Vec<SocketAddr>,
+    per_client: usize,
+    ca: Option<Vec<u8>>,
+) -> Load {
+    let deadline = Duration::from_secs(120);
+    let run = move || run_load_over(targets, per_client, deadline, ca);
+    rig.spawn_in("client", run).await.expect("the client host's load")
+}
+
+fn fleet_row(name: &str, load: &Load, cpu: Option<f64>) {
+    let answered = load.latencies.len();
+    let throughput = answered as f64 / load.wall.as_secs_f64();
+    println!(
+        "| {name} | {answered} of {} | {throughput:.1} req/s = {:.1} % | {:.2} ms | {:.2} ms | {} |",
+        load.sent,
+        throughput / 160.0 * 100.0,
+        ms(percentile(&load.latencies, 0.5)),
+        ms(percentile(&load.latencies, 0.99)),
+        cpu.map_or_else(String::new, |cpu| format!("{cpu:.2} s")),
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_owned());
@@ -498,5 +656,8 @@ async fn main() {
     }
     if which == "upstream" {
         upstream().await;
+    }
+    if which == "fleet" {
+        fleet().await;
     }
 }

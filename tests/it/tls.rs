@@ -13,99 +13,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
+use crate::support::certs::{make_ca, make_cert};
 use crate::support::fixtures::sample_transactions;
 use crate::support::{Daemon, Launch, START_TIMEOUT};
-
-/// Runs `openssl ARGS…` in `dir`; panics with its output when it fails.
-fn openssl(dir: &Path, args: &[&str]) {
-    let output =
-        Command::new("openssl").current_dir(dir).args(args).output().unwrap_or_else(|err| {
-            panic!("cannot run openssl ({err}); install it (Debian: apt-get install openssl)")
-        });
-    assert!(
-        output.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// A CA `NAME.pem`/`NAME.key` in `dir`.
-fn make_ca(dir: &Path, name: &str) {
-    let (pem, key) = (format!("{name}.pem"), format!("{name}.key"));
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    );
-}
-
-/// A certificate `NAME.pem`/`NAME.key` for `localhost` and 127.0.0.1, signed by the CA `ca`,
-/// good for servers and clients alike.
-fn make_cert(dir: &Path, name: &str, ca: &str) {
-    let (pem, key, csr, ext) = (
-        format!("{name}.pem"),
-        format!("{name}.key"),
-        format!("{name}.csr"),
-        format!("{name}.ext"),
-    );
-    std::fs::write(
-        dir.join(&ext),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
-    )
-    .expect("write the extensions");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-extfile",
-            &ext,
-        ],
-    );
-}
 
 /// A gRPC health check over TLS that trusts only `ca`; the error's text when it fails.
 async fn health_over_tls(port: u16, ca: &Path, identity: Option<&Path>) -> Result<(), String> {
@@ -164,7 +74,7 @@ async fn every_hop_speaks_tls_mutual_tls_keeps_other_proxies_out_and_reload_rene
     for (name, ca) in
         [("worker", "ca"), ("front", "ca"), ("proxy-client", "ca"), ("renewed", "ca2")]
     {
-        make_cert(dir, name, ca);
+        make_cert(dir, name, ca, &[]);
     }
     let file = |name: &str| dir.join(name).to_str().expect("utf-8").to_owned();
 

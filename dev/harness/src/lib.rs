@@ -3,6 +3,7 @@
 //! each one's ports from `/proc`, and talks gRPC to them. A dev-dependency crate, compiled once for
 //! the test binary and every example; the tests add what only they need in `tests/it/support/`.
 //!
+//! - [`certs`]: a CA and the certificates it signs, made with `openssl`.
 //! - [`daemon`]: [`Launch`] → [`Daemon`] / [`Proxy`], the binaries under test, a clean environment.
 //! - [`notify`]: the `NOTIFY_SOCKET` a daemon reports readiness and status to.
 //! - [`procfs`]: the ports a process listens on, from `/proc`.
@@ -12,6 +13,7 @@
 //! - [`standin`]: STAND-IN workers that answer with dummy proofs, to load the proxy.
 //! - [`rig`]: hosts made of network namespaces, with link faults and a DNS server.
 
+pub mod certs;
 pub mod daemon;
 pub mod fixtures;
 pub mod http;

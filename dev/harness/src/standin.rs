@@ -156,13 +156,33 @@ pub async fn start_answering(
     delay: Duration,
     answer: Answer,
 ) -> (SocketAddr, StandIn) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let bind = SocketAddr::from(([127, 0, 0, 1], 0));
+    start_at(bind, version, delay, answer, None).await
+}
+
+/// Starts a stand-in transaction worker as [`start_answering`] does, listening on `bind` (a rig
+/// host's address) and, with `tls` (PEM certificate chain and key), serving TLS.
+pub async fn start_at(
+    bind: SocketAddr,
+    version: &'static str,
+    delay: Duration,
+    answer: Answer,
+    tls: Option<(Vec<u8>, Vec<u8>)>,
+) -> (SocketAddr, StandIn) {
+    let listener = tokio::net::TcpListener::bind(bind).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     let worker = StandIn::new(version, delay, None, answer);
+    let mut server = tonic::transport::Server::builder();
+    if let Some((cert, key)) = tls {
+        let identity = tonic::transport::Identity::from_pem(cert, key);
+        server = server
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .expect("the stand-in's TLS settings");
+    }
     tokio::spawn(
-        tonic::transport::Server::builder()
+        server
             .add_service(ApiServer::new(worker.clone()).max_decoding_message_size(1 << 26))
             .add_service(WorkerStatusApiServer::new(worker.clone()))
             .add_service(health_service)
