@@ -206,8 +206,10 @@ async fn workers_found_by_dns_follow_the_records_and_a_request_on_a_removed_host
     let ip = |index: usize| ips[index];
     let name = "provers.fleet.test";
     rig.start_dns("dns", &[(name, ip(0)), (name, ip(1))]).expect("dnsmasq");
-    let interval = Duration::from_secs(1);
-    let env = [("MPS_HEALTH_CHECK_INTERVAL", "1s"), ("MPS_HEALTH_CHECK_TIMEOUT", "1s")];
+    // Health checks (and the worker connections' PINGs) answer within the 2 s timeout even on
+    // a machine busy with proofs; the interval is what the proxy's resolution follows.
+    let interval = Duration::from_secs(2);
+    let env = [("MPS_HEALTH_CHECK_INTERVAL", "2s"), ("MPS_HEALTH_CHECK_TIMEOUT", "2s")];
     let declared = format!("{name}:{WORKER_PORT}");
     let mut proxy = start_proxy(&rig, "proxy", std::slice::from_ref(&declared), &env).await;
     proxy.wait_healthy(2, 2).await;
@@ -233,8 +235,10 @@ async fn workers_found_by_dns_follow_the_records_and_a_request_on_a_removed_host
         if names(&listed(&proxy).await) == want {
             break;
         }
-        // Two health rounds, each a resolution then checks of at most health_check_timeout.
-        assert!(changed.elapsed() < 2 * interval + Duration::from_secs(1), "not followed in time");
+        // Within two health intervals (each round is a resolution, checks, then the interval's
+        // wait), with a second's slack for a machine busy proving.
+        let limit = 2 * interval + Duration::from_secs(1);
+        assert!(changed.elapsed() < limit, "the DNS change was not followed within {limit:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eprintln!(
