@@ -133,6 +133,10 @@ async fn refuses_bad_requests_clearly_joins_an_identical_one_and_answers_busy_to
     let kept = api.prove(tx_request(&sample.inputs[0])).await.expect("the kept proof");
     assert_eq!(kept.into_inner().payload, proof.payload);
     assert_eq!(worker.worker_status().await.requests_served, 2, "no prover process ran");
+    // The log lines are written as the answers leave; their reading may lag a busy machine.
+    for outcome in ["outcome=\"joined\"", "outcome=\"cached\""] {
+        worker.wait_for_output(outcome, START_TIMEOUT).await;
+    }
     let logged = worker.output();
     let answered: Vec<&str> = logged
         .lines()
