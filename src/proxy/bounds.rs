@@ -49,6 +49,10 @@ pub enum Refused {
     Full(usize),
 }
 
+/// Evicted connections whose tasks have not closed them yet, at most: beyond, new connections
+/// are refused (see [`Connections::open`]).
+pub const EVICTING: usize = 32;
+
 /// One open connection; dropping it frees its place.
 pub struct Slot {
     connections: Arc<Connections>,
@@ -98,6 +102,13 @@ impl Connections {
             return Err(Refused::Client(from_client));
         }
         if state.total >= bounds.max_connections {
+            // An evicted connection holds its descriptor until its task runs and drops it; on a
+            // starved machine those tasks lag the accept loop. Past `EVICTING` of them a new
+            // connection is refused (closed at once) rather than evict another, so descriptors
+            // stay within `max_connections + EVICTING` however far they lag.
+            if state.total >= bounds.max_connections + EVICTING {
+                return Err(Refused::Full(state.total));
+            }
             // The place of the oldest silent connection; it closes when its task sees this.
             let Some((_, evict)) = state.handshaking.pop_front() else {
                 return Err(Refused::Full(state.total));
@@ -264,6 +275,25 @@ mod tests {
         assert_eq!(connections.open(a, false, &bounds()).err(), Some(Refused::Full(3)));
         drop(all);
         assert_eq!(connections.open_count(), 0);
+    }
+
+    /// Evicted connections whose tasks lag keep their descriptors: past `EVICTING` of them new
+    /// connections are refused, so the open count never exceeds `max_connections + EVICTING`.
+    #[test]
+    fn evictions_not_yet_closed_are_bounded() {
+        let connections = Arc::new(Connections::default());
+        let bounds = ClientBounds { max_connections_per_client: 1_000, ..bounds() };
+        let client = "192.0.2.1".parse().expect("address");
+        let mut held = Vec::new();
+        while let Ok(slot) = connections.open(client, false, &bounds) {
+            held.push(slot);
+        }
+        assert_eq!(connections.open_count(), bounds.max_connections + EVICTING);
+        let refused = connections.open(client, false, &bounds).err();
+        assert_eq!(refused, Some(Refused::Full(bounds.max_connections + EVICTING)));
+        // The evicted ones close: room again.
+        held.drain(..EVICTING);
+        assert!(connections.open(client, false, &bounds).is_ok());
     }
 
     #[test]
