@@ -6,6 +6,8 @@
 //! ```sh
 //! cargo build --locked --bins --examples && target/debug/examples/bench_worker [TX_RUNS] [BATCH_RUNS]
 //! ```
+//!
+//! `BENCH_PROOFS_PER_PROVER_PROCESS=N` sets the batch worker's `proofs_per_prover_process`.
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +20,7 @@ use miden_proving_service::ProofKind;
 use miden_proving_service::proto::ProofType;
 use miden_proving_service::proto::api_client::ApiClient;
 use miden_proving_service::proto::worker_status_api_client::WorkerStatusApiClient;
+use miden_proving_service::prover::Prover;
 use miden_tx_batch_prover::LocalBatchProver;
 
 /// The pause before each transaction proof, in-process and through the worker.
@@ -39,7 +42,12 @@ async fn main() -> anyhow::Result<()> {
 
     // Each side proves the same request every run: the worker must not answer from a kept proof.
     let tx_worker = harness::Launch::worker_proving_every_request("transaction").start().await;
-    let batch_worker = harness::Launch::worker_proving_every_request("batch").start().await;
+    let mut batch_launch = harness::Launch::worker_proving_every_request("batch");
+    // `BENCH_PROOFS_PER_PROVER_PROCESS=1` gives the batch worker a new prover process per proof.
+    if let Ok(proofs) = std::env::var("BENCH_PROOFS_PER_PROVER_PROCESS") {
+        batch_launch.command.env("MPS_WORKER_PROOFS_PER_PROVER_PROCESS", proofs);
+    }
+    let batch_worker = batch_launch.start().await;
     let sample = harness::fixtures::sample_transactions(2).await?;
     let mut tx_api = tx_worker.api().await;
     let mut batch_api = batch_worker.api().await;
@@ -94,12 +102,11 @@ async fn main() -> anyhow::Result<()> {
     let batch = sample.chain.propose_transaction_batch(proven)?;
     let payload = batch.to_bytes();
     let (batch_local, batch_remote) =
-        batch_medians(&batch, &payload, &mut batch_api, batch_runs, Duration::ZERO).await?;
+        batch_medians(&payload, &mut batch_api, batch_runs, Duration::ZERO).await?;
     // The same, 50 ms apart: what one batch sees when the worker's spare prover process has had
     // time to start (back to back, each request waits for a process that starts when it comes).
     let (spaced_local, spaced_remote) =
-        batch_medians(&batch, &payload, &mut batch_api, batch_runs, Duration::from_millis(50))
-            .await?;
+        batch_medians(&payload, &mut batch_api, batch_runs, Duration::from_millis(50)).await?;
     // Context for the batch figure: what decoding and encoding alone cost, and a bare gRPC call.
     let mut codec = Vec::new();
     for _ in 0..batch_runs {
@@ -117,12 +124,25 @@ async fn main() -> anyhow::Result<()> {
         status.status(()).await?;
         rtt.push(started.elapsed());
     }
+    // The gRPC hop alone with the batch's bytes: the same payload sent as a transaction request,
+    // which the batch worker refuses once the message has arrived and decoded, proving nothing.
+    let mut hop = Vec::new();
+    for _ in 0..batch_runs {
+        let request = request(ProofType::Transaction, payload.clone());
+        let started = Instant::now();
+        let refused = batch_api.prove(request).await;
+        hop.push(started.elapsed());
+        let code = refused.map_or_else(|status| status.code(), |_| tonic::Code::Ok);
+        assert_eq!(code, tonic::Code::Unimplemented, "a batch worker refuses a transaction");
+    }
     println!(
         "batch payload {} bytes; in-process decode+prove+encode median {:.3} ms; \
-         WorkerStatus round trip median {:.3} ms",
+         WorkerStatus round trip median {:.3} ms; the payload refused by the handler (the gRPC \
+         hop with its bytes, no proving) median {:.3} ms",
         payload.len(),
         median(codec).as_secs_f64() * 1e3,
-        median(rtt).as_secs_f64() * 1e3
+        median(rtt).as_secs_f64() * 1e3,
+        median(hop).as_secs_f64() * 1e3
     );
 
     println!(
@@ -147,20 +167,23 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Proves `batch` in-process and through the worker in turn, `runs` times each with `gap` before
-/// every proof; the two medians.
+/// Proves the batch `payload` in-process and through the worker in turn, `runs` times each with `gap`
+/// before every proof; the two medians.
 async fn batch_medians(
-    batch: &ProposedBatch,
     payload: &[u8],
     api: &mut ApiClient<tonic::transport::Channel>,
     runs: usize,
     gap: Duration,
 ) -> anyhow::Result<(Duration, Duration)> {
     let (mut local, mut remote) = (Vec::new(), Vec::new());
+    // In-process proving as a worker without prover processes would do it: one warm prover
+    // decodes each request's payload, proves it and encodes the proof.
+    let mut prover = Prover::new(ProofKind::Batch);
     for _ in 0..runs {
         tokio::time::sleep(gap).await;
         let started = Instant::now();
-        LocalBatchProver::new(MIN_PROOF_SECURITY_LEVEL).prove(batch.clone())?;
+        let job = prover.decode(payload)?;
+        std::hint::black_box(prover.prove(job)?);
         local.push(started.elapsed());
         tokio::time::sleep(gap).await;
         let request = request(ProofType::Batch, payload.to_vec());

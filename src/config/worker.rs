@@ -33,6 +33,8 @@ struct WorkerDefaults {
     prover_memory_limit: &'static str,
     /// Wall-clock limit of one proof.
     max_proof_time: &'static str,
+    /// Batch or block proofs one prover process makes before it is replaced.
+    proofs_per_prover_process: usize,
     /// Largest `Prove` request.
     max_request_size: &'static str,
     /// Time for a request's body to arrive whole.
@@ -67,6 +69,10 @@ const WORKER_DEFAULTS: WorkerDefaults = WorkerDefaults {
     // A transaction proof takes 4–23 s here, batches and blocks milliseconds. Below the proxy's
     // 100 s per attempt, so behind a proxy the client learns which limit it hit.
     max_proof_time: "90s",
+    // A batch or block prover keeps nothing between proofs, so a process that gave a proof may
+    // take the next request: a new process costs a batch more than its proof (BENCHMARKS.md).
+    // Replacing it now and then bounds what a long-lived process could gather all the same.
+    proofs_per_prover_process: 64,
     // A transaction is ≈ 109 KB, a batch of 2 ≈ 170 KB, a block of one such batch ≈ 60 KB; a
     // full block (hundreds of transactions) stays in the low megabytes.
     max_request_size: "16MiB",
@@ -91,6 +97,9 @@ pub struct Limits {
     pub memory: u64,
     /// Wall-clock limit of one proof, from the moment the worker hands over the payload.
     pub max_proof_time: Duration,
+    /// Batch or block proofs one prover process makes before it is replaced (1: a process per
+    /// proof). A transaction prover process always makes one.
+    pub proofs_per_process: usize,
 }
 
 /// The worker's transport limits (settings of the same names).
@@ -180,6 +189,7 @@ impl WorkerConfigSource {
                 // worker whose every proof fails.
                 memory: check.size("prover_memory_limit", 1 << 30, u64::MAX),
                 max_proof_time: check.positive_duration("max_proof_time"),
+                proofs_per_process: check.positive("proofs_per_prover_process"),
             },
             bounds: Bounds {
                 max_request_size: bytes(check.size("max_request_size", 1 << 10, most_request)),
@@ -339,6 +349,7 @@ mod tests {
             let settings = source(flags(&[])).load().expect("defaults are valid");
             assert_eq!(settings.limits.memory, 8 << 30);
             assert_eq!(settings.limits.max_proof_time, Duration::from_secs(90));
+            assert_eq!(settings.limits.proofs_per_process, 64);
             assert_eq!(settings.bounds.max_request_size, 16 << 20);
             assert_eq!(settings.bounds.request_timeout, Duration::from_secs(30));
             assert_eq!(settings.bounds.handshake_timeout, Duration::from_secs(10));
@@ -349,11 +360,12 @@ mod tests {
                 "worker.toml",
                 "prover_memory_limit = \"8MiB\"\nmax_proof_time = \"0s\"\n\
                  max_request_size = \"1GiB\"\nmax_connections = 0\n\
-                 proof_cache_size = \"lots\"\n",
+                 proof_cache_size = \"lots\"\nproofs_per_prover_process = 0\n",
             )?;
-            let err = source(flags(&[])).load().expect_err("five problems");
+            let err = source(flags(&[])).load().expect_err("six problems");
             let text = err.to_string();
-            assert!(text.contains("5 problems"), "{text}");
+            assert!(text.contains("6 problems"), "{text}");
+            assert!(text.contains("key `proofs_per_prover_process`: must be at least 1"), "{text}");
             assert!(text.contains("key `proof_cache_size`"), "{text}");
             assert!(text.contains("key `prover_memory_limit`: 8388608 bytes is outside"), "{text}");
             assert!(text.contains("key `max_proof_time`: must be longer than 0s"), "{text}");
@@ -361,7 +373,9 @@ mod tests {
             assert!(text.contains("key `max_connections`: must be at least 1"), "{text}");
             jail.create_file("worker.toml", "max_request_size = 65536\nproof_cache_size = 0\n")?;
             jail.set_env("MPS_WORKER_PROVER_MEMORY_LIMIT", "3GiB");
+            jail.set_env("MPS_WORKER_PROOFS_PER_PROVER_PROCESS", "1");
             let settings = source(flags(&[])).load().expect("valid");
+            assert_eq!(settings.limits.proofs_per_process, 1, "1: a process per proof");
             assert_eq!(settings.proof_cache_size, 0, "0 turns the cache off");
             assert_eq!(settings.bounds.max_request_size, 65536);
             assert_eq!(settings.limits.memory, 3 << 30);

@@ -2,8 +2,12 @@
 //! of the worker running this binary's hidden `prove-job` mode. A crash, an abort or a limit hit
 //! on hostile input ends that process, and the worker turns the way it ended into an answer.
 //!
-//! - **One process per proof**: it proves one request and exits, so nothing a request brings
-//!   (account code pinned in the prover's MAST store, a grown heap) reaches the next one.
+//! - **A transaction process per proof**: it proves one request and exits, so nothing a request
+//!   brings (account code pinned in the prover's MAST store, a grown heap) reaches the next one.
+//! - **Batch and block processes are kept while they prove well**: their provers keep no state
+//!   between proofs, so a process that gave a proof waits for the next request, up to
+//!   `proofs_per_prover_process` proofs and while its resident memory stays small. A process
+//!   whose request was malformed, failed, crashed, hit a limit or was cancelled is never reused.
 //! - **A spare waits**: [`ProverProcesses`] keeps one process started ahead of time (at start-up
 //!   and whenever the worker's slot frees), so a batch or block proof (milliseconds) does not pay
 //!   for `exec` and start-up.
@@ -157,9 +161,24 @@ pub fn child_main(kind: ProofKind, memory_limit: u64, parent: u32) -> ExitCode {
         .name("prover".into())
         .stack_size(PROVER_STACK_SIZE)
         .spawn(move || {
-            let warm = Prover::new(kind);
+            let mut warm = Prover::new(kind);
             let payload = read_payload()?;
-            prove_to(warm, &payload, &mut std::io::stdout().lock())
+            prove_to(&mut warm, &payload, &mut std::io::stdout().lock())?;
+            // A batch or block prover keeps nothing between proofs: the worker may hand this
+            // process further payloads ([`Limits::proofs_per_process`]), and closes stdin when
+            // it will not. A transaction prover's MAST store keeps every account's code: one
+            // proof, then exit, whatever the worker would send.
+            if kind == ProofKind::Transaction {
+                return Ok(());
+            }
+            loop {
+                let payload = match read_payload() {
+                    Ok(payload) => payload,
+                    Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(err) => return Err(err),
+                };
+                prove_to(&mut warm, &payload, &mut std::io::stdout().lock())?;
+            }
         });
     match prover.map(std::thread::JoinHandle::join) {
         Ok(Ok(Ok(()))) => ExitCode::SUCCESS,
@@ -203,7 +222,7 @@ fn contain(memory_limit: u64, parent: u32) -> nix::Result<()> {
 }
 
 /// Decodes and proves `payload` with `prover`, writing the frames to `out`.
-fn prove_to(mut prover: Prover, payload: &[u8], out: &mut impl Write) -> std::io::Result<()> {
+fn prove_to(prover: &mut Prover, payload: &[u8], out: &mut impl Write) -> std::io::Result<()> {
     let job = match prover.decode(payload) {
         Ok(job) => job,
         Err(err) => return write_frame(out, Frame::Invalid, error_chain(&err).as_bytes()),
@@ -231,9 +250,27 @@ fn write_frame(out: &mut impl Write, frame: Frame, bytes: &[u8]) -> std::io::Res
 // THE WORKER'S SIDE
 // ================================================================================================
 
-/// A started prover process, waiting for its payload.
+/// A started prover process and its pipes, waiting for a payload: a new one, or one that has
+/// made `proofs` batch or block proofs and may make more.
 struct Spawned {
     child: Child,
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+    /// The end of its stderr, read in the background until the process is gone.
+    last_words: tokio::task::JoinHandle<String>,
+    /// Proofs it has made.
+    proofs: usize,
+}
+
+impl Spawned {
+    /// Its resident memory in bytes, from `/proc`; `None` when it cannot be read (it is gone).
+    fn resident(&self) -> Option<u64> {
+        let pid = self.child.id()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find_map(|line| line.strip_prefix("VmRSS:"))?;
+        let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+        Some(kib << 10)
+    }
 }
 
 /// Starts prover processes for one proof kind and keeps one spare.
@@ -294,8 +331,8 @@ impl ProverProcesses {
     pub async fn shutdown(&self, wait: Duration) {
         self.closed.store(true, Ordering::SeqCst);
         let spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        if let Some(Spawned { mut child }) = spare {
-            let _ = child.kill().await;
+        if let Some(mut spare) = spare {
+            let _ = spare.child.kill().await;
         }
         let deadline = tokio::time::Instant::now() + wait;
         while self.reaping.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
@@ -305,7 +342,7 @@ impl ProverProcesses {
 
     fn spawn(&self) -> std::io::Result<Spawned> {
         let limits = self.limits();
-        let child = Command::new(&self.exe)
+        let mut child = Command::new(&self.exe)
             .arg("prove-job")
             .args(["--prover-type", self.kind.as_str()])
             .args(["--memory-limit", &limits.memory.to_string()])
@@ -325,18 +362,39 @@ impl ProverProcesses {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;
-        Ok(Spawned { child })
+        let (stdin, stdout, stderr) = pipes(&mut child)?;
+        let last_words = tokio::spawn(tail(stderr));
+        Ok(Spawned { child, stdin, stdout, last_words, proofs: 0 })
+    }
+
+    /// Keeps `spawned`, whose last proof went well, as the spare for the next request when it
+    /// may prove more: a batch or block prover keeps nothing between proofs, so a process may
+    /// make up to `proofs_per_process` of them, while its resident memory stays under an eighth
+    /// of `prover_memory_limit` (1 GiB at the default), under the limits still in force.
+    /// Otherwise it is dropped, which kills it.
+    fn keep(&self, spawned: Spawned, limits: Limits) {
+        let reusable = self.kind != ProofKind::Transaction
+            && spawned.proofs < limits.proofs_per_process
+            && !self.closed.load(Ordering::SeqCst)
+            && self.limits() == limits
+            && spawned.resident().is_some_and(|bytes| bytes < limits.memory / 8);
+        if reusable {
+            let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if spare.is_none() {
+                *spare = Some(spawned);
+            }
+        }
     }
 
     /// A process to prove in: the spare when it is alive, else a new one.
-    fn take(&self) -> std::io::Result<Spawned> {
+    fn take(&self) -> Result<Spawned, JobError> {
         let spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         if let Some(mut spawned) = spare
             && matches!(spawned.child.try_wait(), Ok(None))
         {
             return Ok(spawned);
         }
-        self.spawn()
+        self.spawn().map_err(JobError::Start)
     }
 
     /// Proves `payload` in a prover process. `on_subject` is called once the payload decoded,
@@ -349,18 +407,15 @@ impl ProverProcesses {
         hold: H,
     ) -> Result<Vec<u8>, JobError> {
         let limits = self.limits();
-        let Spawned { mut child } = self.take().map_err(JobError::Start)?;
-        let (mut stdin, mut stdout, stderr) = pipes(&mut child)?;
+        let Spawned { child, mut stdin, mut stdout, mut last_words, proofs } = self.take()?;
         let mut reaper =
             Reaper { child: Some(child), hold: Some(hold), reaping: Arc::clone(&self.reaping) };
-        let last_words = tokio::spawn(tail(stderr));
         let deadline = tokio::time::Instant::now() + limits.max_proof_time;
         let mut decoded = false;
         let answer = async {
             let len = (payload.len() as u64).to_le_bytes();
             // A write that fails means the process died: its exit status says how.
             if stdin.write_all(&len).await.is_ok() && stdin.write_all(payload).await.is_ok() {
-                drop(stdin);
                 read_answer(&mut stdout, on_subject, &mut decoded).await
             } else {
                 Ok(None)
@@ -383,7 +438,7 @@ impl ProverProcesses {
             // It closed stdout without an answer: it died, or is about to.
             Ok(Ok(None)) => match tokio::time::timeout_at(deadline, reaper.wait()).await {
                 Ok(Ok(status)) => {
-                    let words = last_words.await.unwrap_or_default();
+                    let words = (&mut last_words).await.unwrap_or_default();
                     Err(classify_death(self.kind, status, &words, limits.memory, decoded))
                 }
                 Ok(Err(err)) => Err(JobError::Start(err)),
@@ -394,9 +449,16 @@ impl ProverProcesses {
             },
         };
         // An answer came: the slot is free at once (a client that proves one request after
-        // another must not find its worker busy), and the process, which has nothing left to do,
-        // is killed and reaped in the background (the teardown of a transaction prover's 1.4 GB
-        // takes a while). Only a proof abandoned midway holds the slot until its process is gone.
+        // another must not find its worker busy). A batch or block process that gave a proof may
+        // wait for the next request; any other is killed and reaped in the background (the
+        // teardown of a transaction prover's 1.4 GB takes a while). Only a proof abandoned midway
+        // holds the slot until its process is gone.
+        if answer.is_ok()
+            && let Some(child) = reaper.child.take()
+        {
+            let proofs = proofs + 1;
+            self.keep(Spawned { child, stdin, stdout, last_words, proofs }, limits);
+        }
         drop(reaper.hold.take());
         drop(reaper);
         answer
@@ -404,10 +466,10 @@ impl ProverProcesses {
 }
 
 /// The prover process's standard streams, taken out of `child`.
-fn pipes(child: &mut Child) -> Result<(ChildStdin, ChildStdout, ChildStderr), JobError> {
+fn pipes(child: &mut Child) -> std::io::Result<(ChildStdin, ChildStdout, ChildStderr)> {
     match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
         (Some(stdin), Some(stdout), Some(stderr)) => Ok((stdin, stdout, stderr)),
-        _ => Err(JobError::Start(std::io::Error::other("a pipe is missing"))),
+        _ => Err(std::io::Error::other("a pipe is missing")),
     }
 }
 

@@ -9,11 +9,13 @@ use miden_objects::batch::ProvenBatch;
 use miden_objects::block::ProvenBlock;
 use miden_objects::utils::{Deserializable, Serializable};
 use miden_proving_service::proto::ProofType;
+use miden_proving_service::proto::api_client::ApiClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tonic::Code;
+use tonic::transport::Channel;
 
-use crate::support::fixtures::sample_transactions;
+use crate::support::fixtures::{prove_transaction_here, sample_transactions};
 use crate::support::requests::request;
 use crate::support::{Daemon, Launch, START_TIMEOUT, hostile};
 
@@ -53,6 +55,65 @@ async fn refuse_fuzz_findings(worker: &Daemon, target: &str, kind: ProofType, in
 }
 
 /// A worker for `kind` with `settings` (TOML lines) in its file.
+/// The prover processes of `worker` alive now.
+fn prover_processes(worker: &Daemon) -> HashSet<i32> {
+    children(worker.pid).into_iter().filter(|pid| alive(*pid)).collect()
+}
+
+/// Waits until `worker` has exactly one live prover process (its spare, after an answer) that
+/// `test` accepts, and returns it.
+async fn one_prover_process(worker: &Daemon, what: &str, test: impl Fn(i32) -> bool) -> i32 {
+    let started = Instant::now();
+    loop {
+        let live = prover_processes(worker);
+        if let [pid] = live.iter().copied().collect::<Vec<_>>()[..]
+            && test(pid)
+        {
+            return pid;
+        }
+        assert!(started.elapsed() < START_TIMEOUT, "{what}: prover processes {live:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_batch_prover_process_proves_until_its_limit_and_never_after_a_bad_request() {
+    let sample = sample_transactions(1).await.expect("sample transaction");
+    let proven = prove_transaction_here(&sample.inputs[0]);
+    let batch = sample.chain.propose_transaction_batch([proven]).expect("propose a batch");
+    // Every request is proved (no kept proof answers it), by processes that make three proofs.
+    let worker =
+        worker_with("batch", "proofs_per_prover_process = 3\nproof_cache_size = 0\n").await;
+    let mut api = worker.api().await;
+    let payload = batch.to_bytes();
+
+    let first = one_prover_process(&worker, "the spare at start", |_| true).await;
+    for proofs in 1..=2 {
+        prove_batch(&mut api, &payload).await;
+        let kept = one_prover_process(&worker, "kept after a proof", |_| true).await;
+        assert_eq!(kept, first, "after {proofs} proofs the same process waits for the next");
+    }
+    prove_batch(&mut api, &payload).await;
+    let second =
+        one_prover_process(&worker, "a new spare after three proofs", |pid| pid != first).await;
+    assert!(!alive(first), "a process that made proofs_per_prover_process proofs is gone");
+
+    // A malformed payload ends the process that decoded it, though it made no proof before.
+    let err = api.prove(request(ProofType::Batch, NINE_BYTE_BOMB.to_vec())).await;
+    assert_eq!(err.expect_err("a bomb").code(), Code::InvalidArgument);
+    let third =
+        one_prover_process(&worker, "a new spare after a bad request", |pid| pid != second).await;
+    assert!(!alive(second), "a process that decoded a malformed payload is not reused");
+    prove_batch(&mut api, &payload).await;
+    assert_eq!(one_prover_process(&worker, "kept", |_| true).await, third);
+}
+
+async fn prove_batch(api: &mut ApiClient<Channel>, payload: &[u8]) {
+    let proof = api.prove(request(ProofType::Batch, payload.to_vec())).await;
+    let proof = proof.expect("the batch is proved").into_inner();
+    ProvenBatch::read_from_bytes(&proof.payload).expect("the batch proof decodes");
+}
+
 async fn worker_with(kind: &str, settings: &str) -> Daemon {
     let launch = Launch::worker(kind);
     std::fs::write(launch.dir.path().join("worker.toml"), settings).expect("worker.toml");
