@@ -258,11 +258,13 @@ impl Proxy {
         live: &LiveSettings,
     ) -> Result<pool::Lease, ProxyError> {
         let queued = Instant::now();
-        let acquired = tokio::time::timeout(
-            live.max_queue_wait,
-            self.pool.acquire(&tried.excluded, attempt > 1),
-        )
-        .await;
+        // A request that already had a worker (it failed, or another proxy had taken it) waits
+        // at the head of the queue: it was admitted once, and must not count against
+        // `max_queue_items` again behind the requests that came after it.
+        let retry = attempt > 1 || tried.taken_elsewhere > 0;
+        let acquired =
+            tokio::time::timeout(live.max_queue_wait, self.pool.acquire(&tried.excluded, retry))
+                .await;
         let lease = match acquired {
             Ok(Ok(lease)) => lease,
             Ok(Err(err)) => {
