@@ -404,6 +404,12 @@ struct Tried {
     taken_elsewhere: u32,
 }
 
+/// The first pause between two `WorkerStatus` calls of [`hold_until_idle`] (0.15 ms each).
+const HOLD_POLL_FIRST: Duration = Duration::from_millis(10);
+
+/// The longest pause of [`hold_until_idle`], reached after about a second.
+const HOLD_POLL_MAX: Duration = Duration::from_millis(100);
+
 /// How many workers a request may find taken by other proxies before a busy answer counts as an
 /// attempt: a bound on one request's rounds when every proxy's view of the fleet is stale.
 const MAX_TAKEN_ELSEWHERE: u32 = 16;
@@ -488,19 +494,23 @@ impl Drop for InFlight {
 }
 
 /// Keeps a worker that may still be proving leased until its `WorkerStatus` says it is idle
-/// (checked ten times a second; however long the proof takes, as the worker would refuse anything
-/// else meanwhile) or stops answering (the health checks take it from there), so the proxy
-/// never sends a second proof to a busy worker.
+/// (however long the proof takes, as the worker would refuse anything else meanwhile) or stops
+/// answering (the health checks take it from there), so the proxy never sends a second proof to
+/// a busy worker. It asks after [`HOLD_POLL_FIRST`], then 10 % later each time up to
+/// [`HOLD_POLL_MAX`]: a batch proof or another proxy's request ends in milliseconds, and a
+/// worker held long after would sit idle (and, with two proxies, be taken by the other again).
 fn hold_until_idle(lease: pool::Lease) {
     // Without a runtime (the proxy is shutting down) there is nobody left to send to it.
     let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
     runtime.spawn(async move {
         let mut status =
             crate::proto::worker_status_api_client::WorkerStatusApiClient::new(lease.channel());
+        let mut pause = HOLD_POLL_FIRST;
         loop {
             match tokio::time::timeout(Duration::from_secs(10), status.status(())).await {
                 Ok(Ok(answer)) if answer.get_ref().busy => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 11 / 10).min(HOLD_POLL_MAX);
                 }
                 _ => break,
             }
