@@ -3,8 +3,10 @@
 //!
 //! - [`incoming`] accepts connections: a connection must send its first byte within
 //!   `handshake_timeout`; at most `max_connections` wait for that (a new one pushes out the
-//!   oldest waiting) and at most `max_connections` are served; accept errors (out of descriptors)
-//!   pause the loop instead of spinning.
+//!   oldest waiting) and at most `max_connections` are served; past [`EVICTING`] pushed-out ones
+//!   not closed yet, a new connection is closed at once, so descriptors stay within
+//!   `2 × max_connections + EVICTING`; accept errors (out of descriptors) pause the loop instead
+//!   of spinning.
 //! - [`AdmissionLayer`] sits in front of every service: a `Prove` call that finds the slot free
 //!   takes it with it ([`Admission`]); one that finds a proof running takes one of
 //!   [`MAX_JOINERS`] places, whose body is read only to learn whether it is the same request
@@ -41,6 +43,10 @@ use crate::wire::{H2_PREFACE, PROVE_PATH};
 /// connection preface, shorter than an HTTP/1.1 request line for gRPC-web.
 const HANDSHAKE_BYTES: usize = H2_PREFACE.len();
 
+/// Connections pushed out of the handshake queue and not closed yet, at most: beyond, a new
+/// connection is closed at once.
+pub const EVICTING: usize = 16;
+
 /// A served connection; its permit counts it against `max_connections` until it closes. Until
 /// it has sent [`HANDSHAKE_BYTES`] (after TLS's own handshake, when the port serves TLS), reads
 /// fail once `handshake_timeout` has passed, so one byte and silence do not hold a served
@@ -48,6 +54,8 @@ const HANDSHAKE_BYTES: usize = H2_PREFACE.len();
 pub struct Conn {
     stream: MaybeTls,
     _permit: OwnedSemaphorePermit,
+    /// Its place among every connection the worker holds ([`EVICTING`]).
+    _live: OwnedSemaphorePermit,
     handshake: Option<(usize, Pin<Box<Sleep>>)>,
 }
 
@@ -133,6 +141,9 @@ async fn accept_loop(
     served: mpsc::Sender<std::io::Result<Conn>>,
 ) {
     let open = Arc::new(Semaphore::new(bounds.max_connections));
+    // Served, waiting, and pushed out but not closed yet: a pushed-out connection holds its
+    // descriptor until its task runs, and on a starved machine those tasks lag this loop.
+    let live = Arc::new(Semaphore::new(2 * bounds.max_connections + EVICTING));
     // Connections still waiting for their first byte, oldest first, each with its eviction.
     let mut waiting: VecDeque<oneshot::Sender<()>> = VecDeque::new();
     loop {
@@ -149,6 +160,10 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Ok(place) = Arc::clone(&live).try_acquire_owned() else {
+            debug!("closing a new connection: {EVICTING} pushed-out ones are still closing");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         waiting.retain(|evict| !evict.is_closed());
         if waiting.len() >= bounds.max_connections
@@ -159,7 +174,8 @@ async fn accept_loop(
         let (evict, evicted) = oneshot::channel();
         waiting.push_back(evict);
         let open = Arc::clone(&open);
-        tokio::spawn(admit(stream, evicted, open, bounds, tls.current(), served.clone()));
+        let admission = Admit { evicted, open, place };
+        tokio::spawn(admit(stream, admission, bounds, tls.current(), served.clone()));
     }
 }
 
@@ -168,8 +184,7 @@ async fn accept_loop(
 /// `evicted` for a newer connection while silent.
 async fn admit(
     stream: tokio::net::TcpStream,
-    evicted: oneshot::Receiver<()>,
-    open: Arc<Semaphore>,
+    Admit { evicted, open, place }: Admit,
     bounds: Bounds,
     tls: Option<crate::tls::ServerTls>,
     served: mpsc::Sender<std::io::Result<Conn>>,
@@ -206,7 +221,17 @@ async fn admit(
         },
     };
     let handshake = Some((0, Box::pin(tokio::time::sleep_until(deadline))));
-    let _ = served.send(Ok(Conn { stream, _permit: permit, handshake })).await;
+    let _ = served.send(Ok(Conn { stream, _permit: permit, _live: place, handshake })).await;
+}
+
+/// What a new connection holds while it is admitted.
+struct Admit {
+    /// Fires when a newer connection pushes this one out.
+    evicted: oneshot::Receiver<()>,
+    /// The places among `max_connections` served.
+    open: Arc<Semaphore>,
+    /// Its place among all the connections held.
+    place: OwnedSemaphorePermit,
 }
 
 // REQUESTS
