@@ -279,6 +279,10 @@ pub struct ProverProcesses {
     kind: ProofKind,
     limits: Mutex<Limits>,
     spare: Mutex<Option<Spawned>>,
+    /// Batch or block processes out proving, which may come back as the spare: while one is out,
+    /// [`ProverProcesses::prepare`] starts none (it would take CPU from the proof for a process
+    /// that the one coming back makes useless).
+    out: AtomicUsize,
     /// Processes killed after their answer and still being reaped in the background.
     reaping: Arc<AtomicUsize>,
     /// Set by [`ProverProcesses::shutdown`]: no spare starts any more.
@@ -297,6 +301,7 @@ impl ProverProcesses {
             kind,
             limits: Mutex::new(limits),
             spare: Mutex::new(None),
+            out: AtomicUsize::new(0),
             reaping: Arc::new(AtomicUsize::new(0)),
             closed: AtomicBool::new(false),
         })
@@ -318,7 +323,8 @@ impl ProverProcesses {
     /// threads live as long as the worker (a blocking-pool thread ends after 10 s idle).
     pub fn prepare(&self) {
         let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if spare.is_none() && !self.closed.load(Ordering::SeqCst) {
+        let out = self.out.load(Ordering::SeqCst);
+        if spare.is_none() && out == 0 && !self.closed.load(Ordering::SeqCst) {
             match self.spawn() {
                 Ok(spawned) => *spare = Some(spawned),
                 Err(err) => tracing::warn!(error = %err, "cannot start a spare prover process"),
@@ -380,21 +386,27 @@ impl ProverProcesses {
             && spawned.resident().is_some_and(|bytes| bytes < limits.memory / 8);
         if reusable {
             let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if spare.is_none() {
+            // A fresh spare started while this one proved (a request came first) is worth less
+            // than a warm process: it makes way.
+            if spare.as_ref().is_none_or(|spare| spare.proofs == 0) {
                 *spare = Some(spawned);
             }
         }
     }
 
     /// A process to prove in: the spare when it is alive, else a new one.
-    fn take(&self) -> Result<Spawned, JobError> {
-        let spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        if let Some(mut spawned) = spare
+    fn take(&self) -> Result<(Spawned, Out<'_>), JobError> {
+        let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Counted under the lock that `prepare` takes, so it never sees the spare gone and
+        // nothing out.
+        let out = Out::count(self.kind, &self.out);
+        if let Some(mut spawned) = spare.take()
             && matches!(spawned.child.try_wait(), Ok(None))
         {
-            return Ok(spawned);
+            return Ok((spawned, out));
         }
-        self.spawn().map_err(JobError::Start)
+        drop(spare);
+        Ok((self.spawn().map_err(JobError::Start)?, out))
     }
 
     /// Proves `payload` in a prover process. `on_subject` is called once the payload decoded,
@@ -407,7 +419,8 @@ impl ProverProcesses {
         hold: H,
     ) -> Result<Vec<u8>, JobError> {
         let limits = self.limits();
-        let Spawned { child, mut stdin, mut stdout, mut last_words, proofs } = self.take()?;
+        let (Spawned { child, mut stdin, mut stdout, mut last_words, proofs }, out) =
+            self.take()?;
         let mut reaper =
             Reaper { child: Some(child), hold: Some(hold), reaping: Arc::clone(&self.reaping) };
         let deadline = tokio::time::Instant::now() + limits.max_proof_time;
@@ -459,9 +472,31 @@ impl ProverProcesses {
             let proofs = proofs + 1;
             self.keep(Spawned { child, stdin, stdout, last_words, proofs }, limits);
         }
+        drop(out);
         drop(reaper.hold.take());
         drop(reaper);
         answer
+    }
+}
+
+/// A batch or block process out proving, counted while this lives (see `ProverProcesses::out`).
+struct Out<'a>(Option<&'a AtomicUsize>);
+
+impl<'a> Out<'a> {
+    fn count(kind: ProofKind, out: &'a AtomicUsize) -> Self {
+        if kind == ProofKind::Transaction {
+            return Out(None);
+        }
+        out.fetch_add(1, Ordering::SeqCst);
+        Out(Some(out))
+    }
+}
+
+impl Drop for Out<'_> {
+    fn drop(&mut self) {
+        if let Some(out) = &self.0 {
+            out.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
