@@ -395,16 +395,21 @@ impl ProverProcesses {
     }
 
     /// A process to prove in: the spare when it is alive, else a new one.
-    fn take(&self) -> Result<(Spawned, Out<'_>), JobError> {
+    /// Counted as out while it proves when it may come back as the spare after this proof.
+    fn take(&self, limits: &Limits) -> Result<(Spawned, Out<'_>), JobError> {
+        let returns = |proofs: usize| {
+            self.kind != ProofKind::Transaction && proofs + 1 < limits.proofs_per_process
+        };
         let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // Counted under the lock that `prepare` takes, so it never sees the spare gone and
         // nothing out.
-        let out = Out::count(self.kind, &self.out);
         if let Some(mut spawned) = spare.take()
             && matches!(spawned.child.try_wait(), Ok(None))
         {
+            let out = Out::count(returns(spawned.proofs), &self.out);
             return Ok((spawned, out));
         }
+        let out = Out::count(returns(0), &self.out);
         drop(spare);
         Ok((self.spawn().map_err(JobError::Start)?, out))
     }
@@ -420,7 +425,7 @@ impl ProverProcesses {
     ) -> Result<Vec<u8>, JobError> {
         let limits = self.limits();
         let (Spawned { child, mut stdin, mut stdout, mut last_words, proofs }, out) =
-            self.take()?;
+            self.take(&limits)?;
         let mut reaper =
             Reaper { child: Some(child), hold: Some(hold), reaping: Arc::clone(&self.reaping) };
         let deadline = tokio::time::Instant::now() + limits.max_proof_time;
@@ -479,12 +484,13 @@ impl ProverProcesses {
     }
 }
 
-/// A batch or block process out proving, counted while this lives (see `ProverProcesses::out`).
+/// A batch or block process out proving that may come back, counted while this lives (see
+/// `ProverProcesses::out`).
 struct Out<'a>(Option<&'a AtomicUsize>);
 
 impl<'a> Out<'a> {
-    fn count(kind: ProofKind, out: &'a AtomicUsize) -> Self {
-        if kind == ProofKind::Transaction {
+    fn count(returns: bool, out: &'a AtomicUsize) -> Self {
+        if !returns {
             return Out(None);
         }
         out.fetch_add(1, Ordering::SeqCst);
