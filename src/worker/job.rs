@@ -377,36 +377,29 @@ impl ProverProcesses {
     /// may prove more: a batch or block prover keeps nothing between proofs, so a process may
     /// make up to `proofs_per_process` of them, while its resident memory stays under an eighth
     /// of `prover_memory_limit` (1 GiB at the default), under the limits still in force.
-    /// Otherwise it is handed back.
-    fn keep(&self, spawned: Spawned, limits: Limits) -> Option<Spawned> {
-        let reusable = self.may_prove(spawned.proofs + 1, &limits)
+    /// Otherwise it is dropped, which kills it.
+    fn keep(&self, spawned: Spawned, limits: Limits) {
+        let reusable = self.kind != ProofKind::Transaction
+            && spawned.proofs < limits.proofs_per_process
             && !self.closed.load(Ordering::SeqCst)
             && self.limits() == limits
             && spawned.resident().is_some_and(|bytes| bytes < limits.memory / 8);
-        if !reusable {
-            return Some(spawned);
+        if reusable {
+            let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // A fresh spare started while this one proved (a request came first) is worth less
+            // than a warm process: it makes way.
+            if spare.as_ref().is_none_or(|spare| spare.proofs == 0) {
+                *spare = Some(spawned);
+            }
         }
-        let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        // A fresh spare started while this one proved (a request came first) is worth less
-        // than a warm process: it makes way.
-        if spare.as_ref().is_some_and(|spare| spare.proofs > 0) {
-            return Some(spawned);
-        }
-        *spare = Some(spawned);
-        None
-    }
-
-    /// Whether a process of this kind may make its `proof`-th proof: a transaction process makes
-    /// one, a batch or block process up to `proofs_per_process`.
-    fn may_prove(&self, proof: usize, limits: &Limits) -> bool {
-        proof == 1 || (self.kind != ProofKind::Transaction && proof <= limits.proofs_per_process)
     }
 
     /// A process to prove in: the spare when it is alive, else a new one.
     /// Counted as out while it proves when it may come back as the spare after this proof.
     fn take(&self, limits: &Limits) -> Result<(Spawned, Out<'_>), JobError> {
-        // After this proof (its `proofs + 1`-th) it may make another.
-        let returns = |proofs: usize| self.may_prove(proofs + 2, limits);
+        let returns = |proofs: usize| {
+            self.kind != ProofKind::Transaction && proofs + 1 < limits.proofs_per_process
+        };
         let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // Counted under the lock that `prepare` takes, so it never sees the spare gone and
         // nothing out.
@@ -482,9 +475,7 @@ impl ProverProcesses {
             && let Some(child) = reaper.child.take()
         {
             let proofs = proofs + 1;
-            // One not kept goes back to the reaper, to be killed and reaped like any other.
-            let back = self.keep(Spawned { child, stdin, stdout, last_words, proofs }, limits);
-            reaper.child = back.map(|spawned| spawned.child);
+            self.keep(Spawned { child, stdin, stdout, last_words, proofs }, limits);
         }
         drop(out);
         drop(reaper.hold.take());
