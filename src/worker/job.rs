@@ -315,7 +315,10 @@ impl ProverProcesses {
     /// New limits for the proofs that start from now on (reload); the spare is replaced.
     pub fn set_limits(&self, limits: Limits) {
         *self.limits.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = limits;
-        drop(self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
+        let spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(spare) = spare {
+            self.retire(spare);
+        }
     }
 
     /// Starts the spare if there is none. Call it from a task on the runtime's worker threads
@@ -374,32 +377,53 @@ impl ProverProcesses {
     }
 
     /// Keeps `spawned`, whose last proof went well, as the spare for the next request when it
-    /// may prove more: a batch or block prover keeps nothing between proofs, so a process may
-    /// make up to `proofs_per_process` of them, while its resident memory stays under an eighth
-    /// of `prover_memory_limit` (1 GiB at the default), under the limits still in force.
-    /// Otherwise it is dropped, which kills it.
+    /// may prove again (see [`ProverProcesses::may_prove_again`]) while its resident memory stays
+    /// under an eighth of `prover_memory_limit` (1 GiB at the default), under the limits still in
+    /// force. Otherwise it is retired.
     fn keep(&self, spawned: Spawned, limits: Limits) {
-        let reusable = self.kind != ProofKind::Transaction
-            && spawned.proofs < limits.proofs_per_process
+        let reusable = self.may_prove_again(spawned.proofs, &limits)
             && !self.closed.load(Ordering::SeqCst)
             && self.limits() == limits
             && spawned.resident().is_some_and(|bytes| bytes < limits.memory / 8);
-        if reusable {
+        let unkept = if reusable {
             let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             // A fresh spare started while this one proved (a request came first) is worth less
             // than a warm process: it makes way.
-            if spare.as_ref().is_none_or(|spare| spare.proofs == 0) {
-                *spare = Some(spawned);
+            if spare.as_ref().is_some_and(|spare| spare.proofs > 0) {
+                Some(spawned)
+            } else {
+                spare.replace(spawned)
             }
+        } else {
+            Some(spawned)
+        };
+        if let Some(unkept) = unkept {
+            self.retire(unkept);
         }
+    }
+
+    /// Whether a process that has made `proofs` proofs may make another under `limits`: a
+    /// transaction process makes one, since its prover keeps what a request brings; a batch or
+    /// block prover keeps nothing between proofs, so its process makes up to
+    /// `proofs_per_process`.
+    fn may_prove_again(&self, proofs: usize, limits: &Limits) -> bool {
+        self.kind != ProofKind::Transaction && proofs < limits.proofs_per_process
+    }
+
+    /// Kills a process that will prove no more and reaps it in the background, counted in
+    /// `reaping` so that [`ProverProcesses::shutdown`] waits for it.
+    fn retire(&self, spawned: Spawned) {
+        drop(Reaper {
+            child: Some(spawned.child),
+            hold: None::<()>,
+            reaping: Arc::clone(&self.reaping),
+        });
     }
 
     /// A process to prove in: the spare when it is alive, else a new one.
     /// Counted as out while it proves when it may come back as the spare after this proof.
     fn take(&self, limits: &Limits) -> Result<(Spawned, Out<'_>), JobError> {
-        let returns = |proofs: usize| {
-            self.kind != ProofKind::Transaction && proofs + 1 < limits.proofs_per_process
-        };
+        let returns = |proofs: usize| self.may_prove_again(proofs + 1, limits);
         let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // Counted under the lock that `prepare` takes, so it never sees the spare gone and
         // nothing out.
