@@ -34,7 +34,7 @@ pub async fn run(
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CHECKS));
     loop {
         let (every, timeout) = settings();
-        resolve_names(&pool, timeout).await;
+        resolve_names(&pool, &slots, timeout).await;
         let now = Instant::now();
         let mut checks = tokio::task::JoinSet::new();
         for (address, channel, failed) in pool.due_for_check(now) {
@@ -73,24 +73,37 @@ pub async fn run(
     }
 }
 
-/// Resolves every declared name and makes its workers the addresses it stands for now. A name
-/// that fails to resolve keeps the workers it had (a DNS outage must not empty the fleet).
-async fn resolve_names(pool: &WorkerPool, timeout: Duration) {
+/// Resolves every declared name, all at once (at most [`MAX_CONCURRENT_CHECKS`] lookups under
+/// way, each within `timeout`, so slow names cost one timeout, not one each), and makes each
+/// name's workers the addresses it stands for now. A name that fails to resolve keeps the workers
+/// it had (a DNS outage must not empty the fleet).
+async fn resolve_names(pool: &WorkerPool, slots: &Arc<tokio::sync::Semaphore>, timeout: Duration) {
+    let mut lookups = tokio::task::JoinSet::new();
     for name in pool.names() {
-        let lookup = tokio::net::lookup_host(name.authority().to_owned());
-        let addrs = match tokio::time::timeout(timeout, lookup).await {
-            Ok(Ok(addrs)) => addrs,
-            Ok(Err(err)) => {
-                warn!(%name, "cannot resolve the worker name: {err}; its workers stay as they were");
-                continue;
-            }
-            Err(_) => {
-                warn!(%name, "no DNS answer within {timeout:?}; the name's workers stay as they were");
+        let slots = Arc::clone(slots);
+        lookups.spawn(async move {
+            // Never closed: an error would only mean no wait.
+            let _slot = slots.acquire().await;
+            let lookup = tokio::net::lookup_host(name.authority().to_owned());
+            let answer = match tokio::time::timeout(timeout, lookup).await {
+                Ok(Ok(addrs)) => Ok(addrs.collect::<Vec<SocketAddr>>()),
+                Ok(Err(err)) => Err(format!("cannot resolve the worker name: {err}")),
+                Err(_) => Err(format!("no DNS answer within {timeout:?}")),
+            };
+            (name, answer)
+        });
+    }
+    while let Some(joined) = lookups.join_next().await {
+        // A lookup task is never aborted and does not panic.
+        let Ok((name, answer)) = joined else { continue };
+        let mut addrs = match answer {
+            Ok(addrs) => addrs,
+            Err(reason) => {
+                warn!(%name, "{reason}; the name's workers stay as they were");
                 continue;
             }
         };
         // One per socket type in getaddrinfo's answer.
-        let mut addrs: Vec<SocketAddr> = addrs.collect();
         addrs.sort_unstable();
         addrs.dedup();
         let (added, removed) = pool.set_members(&name, &addrs);
