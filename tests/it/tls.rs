@@ -3,7 +3,7 @@
 //! client certificate, a proxy without that certificate is refused, and certificates replaced on
 //! disk are served after a reload, without a restart.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::support::certs::{make_ca, make_cert};
 use crate::support::fixtures::sample_transactions;
-use crate::support::{Daemon, Launch, START_TIMEOUT};
+use crate::support::{Daemon, Launch, START_TIMEOUT, example};
 
 /// A gRPC health check over TLS that trusts only `ca`; the error's text when it fails.
 async fn health_over_tls(port: u16, ca: &Path, identity: Option<&Path>) -> Result<(), String> {
@@ -55,14 +55,6 @@ async fn reload(daemon: &mut Daemon) -> String {
     let reloading = daemon.notify.wait_for_line("RELOADING=1", before, START_TIMEOUT).await;
     let ready = daemon.notify.wait_for_line("READY=1", reloading + 1, START_TIMEOUT).await;
     daemon.notify.messages()[ready].text.clone()
-}
-
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-    let path = dir.join("examples").join(name);
-    assert!(path.exists(), "{} is missing: `cargo test` builds the examples", path.display());
-    path
 }
 
 #[tokio::test]

@@ -37,7 +37,13 @@ pub fn minedctl() -> PathBuf {
     in_target_dir("minedctl")
 }
 
-/// A binary of this package in `target/<profile>/`: the test binary runs from
+/// An example program of this build, `target/<profile>/examples/<name>` (`cargo test` and
+/// `cargo build --examples` build them).
+pub fn example(name: &str) -> PathBuf {
+    in_target_dir(&format!("examples/{name}"))
+}
+
+/// A program of this package in `target/<profile>/`: the test binary runs from
 /// `target/<profile>/deps/`, an example from `target/<profile>/examples/`, so both find it one
 /// directory up. Cargo builds the binaries before the integration tests; examples need a
 /// `cargo build --bins` first.
@@ -48,7 +54,11 @@ fn in_target_dir(name: &str) -> PathBuf {
         .and_then(Path::parent)
         .expect("target/<profile>/{deps,examples}/<program>")
         .join(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --bins` first", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins --examples` first",
+        path.display()
+    );
     path
 }
 

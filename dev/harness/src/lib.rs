@@ -23,7 +23,7 @@ pub mod requests;
 pub mod rig;
 pub mod standin;
 
-pub use daemon::{Daemon, Launch, Proxy, START_TIMEOUT, bin, clean_env, minedctl};
+pub use daemon::{Daemon, Launch, Proxy, START_TIMEOUT, bin, clean_env, example, minedctl};
 pub use http::http_get;
 pub use notify::{NotifyMessage, NotifySocket};
 pub use procfs::listening_addrs;
