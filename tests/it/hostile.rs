@@ -17,7 +17,7 @@ use tonic::transport::Channel;
 
 use crate::support::fixtures::{prove_transaction_here, sample_transactions};
 use crate::support::requests::request;
-use crate::support::{Daemon, Launch, START_TIMEOUT, hostile};
+use crate::support::{Daemon, Launch, START_TIMEOUT, alive, children, hostile};
 
 /// Generous bound for one real transaction proof on a loaded 2-core machine.
 const PROOF_TIMEOUT: Duration = Duration::from_secs(300);
@@ -138,25 +138,6 @@ fn status_field(pid: i32, field: &str) -> Option<u64> {
 /// Open descriptors of `pid`.
 pub fn fd_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).expect("read fds").count()
-}
-
-/// The child processes of `pid` (over all its threads).
-fn children(pid: i32) -> HashSet<i32> {
-    let mut found = HashSet::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks").flatten() {
-        if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
-            found.extend(list.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
-        }
-    }
-    found
-}
-
-/// True while `pid` exists and is not a zombie (an orphan's zombie waits for whoever reaps it).
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
-        .unwrap_or(false)
 }
 
 // PAYLOADS

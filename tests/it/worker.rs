@@ -14,7 +14,7 @@ use tonic::transport::Channel;
 
 use crate::support::fixtures::sample_transactions;
 use crate::support::requests::{request, tx_request, verify_tx};
-use crate::support::{Launch, START_TIMEOUT};
+use crate::support::{Launch, START_TIMEOUT, children, parent};
 
 /// Generous bound for one real transaction proof on a loaded 2-core machine.
 const PROOF_TIMEOUT: Duration = Duration::from_secs(300);
@@ -177,6 +177,10 @@ async fn reflected_services(worker: &crate::support::Daemon) -> Vec<String> {
 #[tokio::test]
 async fn sigterm_lets_the_proof_in_flight_reach_its_client() {
     let sample = sample_transactions(1).await.expect("sample transaction");
+    // While this is set, a process the worker leaves behind is re-parented to this test process,
+    // not to init, and stays visible (as a zombie at least) however briefly it outlived the
+    // worker: under systemd it would have been SIGKILLed as a leftover of the service.
+    nix::sys::prctl::set_child_subreaper(true).expect("become a subreaper");
     let mut worker = Launch::worker("transaction").start().await;
     let proving = {
         let mut api = worker.api().await;
@@ -184,6 +188,8 @@ async fn sigterm_lets_the_proof_in_flight_reach_its_client() {
         tokio::spawn(async move { api.prove(req).await })
     };
     worker.notify.wait_for_status("proving", PROOF_TIMEOUT).await;
+    let provers = children(worker.pid);
+    assert!(!provers.is_empty(), "no prover process while proving");
     worker.signal(Signal::SIGTERM);
     worker.notify.wait_for_line("STOPPING=1", 0, START_TIMEOUT).await;
     // grace_period (60 s) + 10 s: systemd's stop timeout covers a raised grace period too.
@@ -193,6 +199,14 @@ async fn sigterm_lets_the_proof_in_flight_reach_its_client() {
     verify_tx(&proof.into_inner().payload);
     let status = worker.wait(PROOF_TIMEOUT).await;
     assert_eq!(status.code(), Some(0), "{}", worker.output());
+    // The prover process that proved was killed and reaped before the worker exited.
+    let me = i32::try_from(std::process::id()).expect("a pid");
+    let adopted: Vec<i32> = provers.into_iter().filter(|pid| parent(*pid) == Some(me)).collect();
+    nix::sys::prctl::set_child_subreaper(false).expect("stop being a subreaper");
+    for pid in &adopted {
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(*pid), None);
+    }
+    assert!(adopted.is_empty(), "prover processes outlived the worker: {adopted:?}");
 }
 
 #[tokio::test]

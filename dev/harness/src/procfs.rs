@@ -1,5 +1,5 @@
 //! What the kernel says about a daemon under test, from `/proc`: the one place the harness
-//! learns a daemon's TCP ports.
+//! learns a daemon's TCP ports, and where a worker's prover processes are found.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -33,4 +33,31 @@ pub fn listening_addrs(pid: i32) -> Vec<SocketAddr> {
     }
     addrs.sort();
     addrs
+}
+
+/// The child processes of `pid` (over all its threads).
+pub fn children(pid: i32) -> HashSet<i32> {
+    let mut found = HashSet::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks").flatten() {
+        if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
+            found.extend(list.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        }
+    }
+    found
+}
+
+/// True while `pid` exists and is not a zombie (an orphan's zombie waits for whoever reaps it).
+pub fn alive(pid: i32) -> bool {
+    stat_after_name(pid).is_some_and(|rest| !rest.starts_with('Z'))
+}
+
+/// The parent of `pid`, while it exists (a zombie included).
+pub fn parent(pid: i32) -> Option<i32> {
+    stat_after_name(pid)?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `/proc/PID/stat` after the `(name) `: the state, then the parent's pid, and so on.
+fn stat_after_name(pid: i32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat.rsplit_once(") ")?.1.to_owned())
 }
