@@ -42,7 +42,7 @@ use super::proxy_protocol;
 use super::tls_stream::TlsConnection;
 use super::{Proxy, RequestMeta};
 use crate::config::ClientBounds;
-use crate::tls::ServerTls;
+use crate::tls::{Refusals, ServerTls};
 use crate::wire::{H2_PREFACE, MAX_META_HEADER, PROVE_PATH, PROXY_WINDOW, SMALL_MESSAGE};
 
 /// What a listener serves.
@@ -62,6 +62,8 @@ pub struct Front {
     role: Role,
     /// Cleared at shutdown: health turns `NOT_SERVING`, new calls get `UNAVAILABLE`.
     serving: Arc<AtomicBool>,
+    /// Refused TLS handshakes, for their log lines.
+    refusals: Refusals,
 }
 
 /// How long accepting pauses after an error (out of descriptors), rather than spinning.
@@ -75,7 +77,7 @@ pub async fn serve(
     serving: Arc<AtomicBool>,
     shutdown: ShutdownWatch,
 ) {
-    let front = Arc::new(Front { proxy, role, serving });
+    let front = Arc::new(Front { proxy, role, serving, refusals: Refusals::default() });
     let mut stop = shutdown.clone();
     // Connections are tracked so that a stopping proxy returns only once every answer is out.
     let mut connections = tokio::task::JoinSet::new();
@@ -158,9 +160,14 @@ async fn run_connection(front: Arc<Front>, accepted: Accepted, shutdown: Shutdow
         }
         // ALPN names the protocol (Pingora reads it from the stream).
         Some(tls) => {
-            let Some(stream) = tls_handshake(&tls, tcp, &mut slot, bounds.handshake_timeout).await
-            else {
-                return;
+            let handshake = tls_handshake(&tls, tcp, &mut slot, bounds.handshake_timeout);
+            let stream = match handshake.await {
+                Ok(Some(stream)) => stream,
+                Ok(None) => return,
+                Err(reason) => {
+                    front.refusals.refused(peer, &reason);
+                    return;
+                }
             };
             (Box::new(TlsConnection(Box::new(stream))), false)
         }
@@ -172,33 +179,25 @@ async fn run_connection(front: Arc<Front>, accepted: Accepted, shutdown: Shutdow
     pingora_core::apps::ServerApp::process_new(&connection, stream, &shutdown).await;
 }
 
-/// Completes a TLS handshake within `timeout`; `None` when it failed, took too long, or the
-/// connection was evicted for a newer one meanwhile.
+/// Completes a TLS handshake within `timeout`; `None` when the connection was evicted for a
+/// newer one meanwhile, the reason when the handshake failed or took too long.
 async fn tls_handshake(
     tls: &ServerTls,
     tcp: TcpStream,
     slot: &mut Slot,
     timeout: Duration,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+) -> Result<Option<tokio_rustls::server::TlsStream<TcpStream>>, String> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let evicted = slot.evicted.take()?;
+    let Some(evicted) = slot.evicted.take() else { return Ok(None) };
     let stream = tokio::select! {
         accepted = tls.accept(tcp, deadline) => accepted,
         _ = evicted => {
             debug!("closing a connection still in its TLS handshake to make room for a newer one");
-            return None;
+            return Ok(None);
         }
-    };
-    match stream {
-        Ok(stream) => {
-            slot.handshake_done();
-            Some(stream)
-        }
-        Err(err) => {
-            debug!("closing a connection: {err}");
-            None
-        }
-    }
+    }?;
+    slot.handshake_done();
+    Ok(Some(stream))
 }
 
 /// Waits until a connection shows its protocol: `Some(true)` for the HTTP/2 preface,

@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use super::{Worker, WorkerError};
 use crate::config::Bounds;
-use crate::tls::{MaybeTls, ServerTlsCell};
+use crate::tls::{MaybeTls, Refusals, ServerTlsCell};
 use crate::wire::{H2_PREFACE, PROVE_PATH};
 
 // CONNECTIONS
@@ -146,13 +146,14 @@ async fn accept_loop(
     let live = Arc::new(Semaphore::new(2 * bounds.max_connections + EVICTING));
     // Connections still waiting for their first byte, oldest first, each with its eviction.
     let mut waiting: VecDeque<oneshot::Sender<()>> = VecDeque::new();
+    let refusals = Arc::new(Refusals::default());
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = served.closed() => return,
         };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(err) => {
                 // EMFILE and friends: pause rather than spin on a listener that stays readable.
                 warn!(error = %err, "cannot accept a connection; pausing accepts for 100 ms");
@@ -174,7 +175,7 @@ async fn accept_loop(
         let (evict, evicted) = oneshot::channel();
         waiting.push_back(evict);
         let open = Arc::clone(&open);
-        let admission = Admit { evicted, open, place };
+        let admission = Admit { peer, evicted, open, place, refusals: Arc::clone(&refusals) };
         tokio::spawn(admit(stream, admission, bounds, tls.current(), served.clone()));
     }
 }
@@ -184,7 +185,7 @@ async fn accept_loop(
 /// `evicted` for a newer connection while silent.
 async fn admit(
     stream: tokio::net::TcpStream,
-    Admit { evicted, open, place }: Admit,
+    Admit { peer, evicted, open, place, refusals }: Admit,
     bounds: Bounds,
     tls: Option<crate::tls::ServerTls>,
     served: mpsc::Sender<std::io::Result<Conn>>,
@@ -215,7 +216,7 @@ async fn admit(
         Some(tls) => match tls.accept(stream, deadline).await {
             Ok(stream) => MaybeTls::Tls(Box::new(stream)),
             Err(err) => {
-                debug!("closing a connection: {err}");
+                refusals.refused(peer, &err);
                 return;
             }
         },
@@ -226,12 +227,16 @@ async fn admit(
 
 /// What a new connection holds while it is admitted.
 struct Admit {
+    /// Who connected.
+    peer: std::net::SocketAddr,
     /// Fires when a newer connection pushes this one out.
     evicted: oneshot::Receiver<()>,
     /// The places among `max_connections` served.
     open: Arc<Semaphore>,
     /// Its place among all the connections held.
     place: OwnedSemaphorePermit,
+    /// The listener's refused TLS handshakes, for their log lines.
+    refusals: Arc<Refusals>,
 }
 
 // REQUESTS

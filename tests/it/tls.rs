@@ -116,6 +116,8 @@ async fn every_hop_speaks_tls_mutual_tls_keeps_other_proxies_out_and_reload_rene
     // A client with no certificate is refused directly too; one with the proxy's is served.
     let port = worker.addr.port();
     health_over_tls(port, &dir.join("ca.pem"), None).await.expect_err("no client certificate");
+    // The worker's journal says whom it refused and why (at most a line a minute).
+    worker.wait_for_output("refused a TLS connection from 127.0.0.1", START_TIMEOUT).await;
     health_over_tls(port, &dir.join("ca.pem"), Some(&dir.join("proxy-client")))
         .await
         .expect("mTLS");
@@ -144,6 +146,7 @@ async fn every_hop_speaks_tls_mutual_tls_keeps_other_proxies_out_and_reload_rene
     })
     .await;
     assert!(!matches!(plain, Ok(Ok(_))), "cleartext was answered on the TLS port");
+    proxy.daemon.wait_for_output("refused a TLS connection from 127.0.0.1", START_TIMEOUT).await;
 
     // Renewal: the proxy's and the worker's certificates are replaced by ones from `ca2`; after
     // a reload new connections get them, with no restart.
