@@ -690,6 +690,50 @@ async fn a_clients_trace_runs_through_the_proxy_into_the_worker() {
     assert_eq!(worker_span.parent_span_id, client_span);
 }
 
+/// A request whose worker was taken by another client (another proxy's request; here a direct
+/// client of a STAND-IN worker whose busy answer is slow, as across a slow link) was admitted
+/// once: it goes back to the head of the queue, even a queue that filled meanwhile, and gets the
+/// worker before the request that came after it.
+#[tokio::test]
+async fn a_request_whose_worker_was_taken_elsewhere_keeps_its_place_ahead_of_a_full_queue() {
+    use crate::support::standin;
+
+    let version = env!("CARGO_PKG_VERSION");
+    let (addr, standin) = standin::start(version, Duration::from_millis(1500)).await;
+    standin.answer_busy_after(Duration::from_millis(500));
+    let mut launch = Launch::proxy_for("transaction", &[addr]);
+    launch.command.env("MPS_MAX_QUEUE_ITEMS", "1");
+    let mut proxy = launch.start_proxy().await;
+    proxy.wait_healthy(1, 1).await;
+    let finished = |n: u8, mut client: ApiClient<Channel>| {
+        let request = request(ProofType::Transaction, vec![n; 64]);
+        tokio::spawn(async move { client.prove(request).await.map(|_| Instant::now()) })
+    };
+
+    // Another client holds the stand-in, unseen by the proxy.
+    let direct = Endpoint::from_shared(format!("http://{addr}")).expect("endpoint");
+    let direct = finished(0, ApiClient::new(direct.connect().await.expect("connect")));
+    while !standin.busy() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The proxy sends `first` there; while its busy answer takes its time, `second` fills the
+    // queue.
+    let first = finished(1, api(&proxy.daemon).await);
+    while standin.received() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = finished(2, api(&proxy.daemon).await);
+    proxy.daemon.notify.wait_for_status("1/1 workers healthy, queue 1/1", START_TIMEOUT).await;
+
+    direct.await.expect("join").expect("the direct client's answer");
+    let first = first.await.expect("join").expect("taken elsewhere, then proved: not refused");
+    let second = second.await.expect("join").expect("the request behind it is proved");
+    assert!(first < second, "the request taken elsewhere was served first");
+    assert_eq!(standin.served(), 3);
+    let (_, scrape) = crate::support::http_get(proxy.metrics, "/metrics").await;
+    assert!(scrape.contains("\nmps_proxy_workers_taken_elsewhere_total 1\n"), "{scrape}");
+}
+
 /// A request that kills the worker it reaches (MORTAL STAND-INS that die on a marked payload;
 /// real workers contain what an input does) costs at most two workers: after two deaths its
 /// content is refused at once, without reaching a worker, counted and logged; other requests

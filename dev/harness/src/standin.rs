@@ -28,6 +28,8 @@ pub struct StandIn {
     /// A mortal stand-in: the payload prefix it dies of, and how it dies.
     mortal: Option<(&'static [u8], Arc<Death>)>,
     answer: Answer,
+    /// How long its busy answer takes, in milliseconds ([`StandIn::answer_busy_after`]).
+    busy_after_ms: Arc<AtomicU64>,
 }
 
 /// How a stand-in waits out its delay and what it answers.
@@ -84,7 +86,15 @@ impl StandIn {
             received: Arc::default(),
             mortal,
             answer,
+            busy_after_ms: Arc::default(),
         }
+    }
+
+    /// Makes its busy answer (to a request that comes while it works on another) take `delay`,
+    /// as one from a worker across a slow link does: what the proxy does meanwhile shows.
+    pub fn answer_busy_after(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.busy_after_ms.store(ms, Ordering::SeqCst);
     }
 
     /// `Prove` calls that reached it.
@@ -110,6 +120,8 @@ impl Api for StandIn {
             std::future::pending::<()>().await;
         }
         if self.busy.swap(true, Ordering::SeqCst) {
+            let after = Duration::from_millis(self.busy_after_ms.load(Ordering::SeqCst));
+            tokio::time::sleep(after).await;
             return Err(Status::resource_exhausted("Server is busy handling another request"));
         }
         let delay = self.delay;
