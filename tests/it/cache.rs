@@ -68,6 +68,7 @@ async fn identical_requests_at_once_share_one_proof_and_a_different_one_gets_its
     let shared = cache["joins"].as_u64().expect("joins") + cache["hits"].as_u64().expect("hits");
     assert_eq!(shared, 3, "{cache}");
     assert_eq!(status["requests_served"], 5);
+    proxy.daemon.wait_for_lines("request done", 5, START_TIMEOUT).await;
     let logged = proxy.daemon.output();
     let done: Vec<_> = logged.lines().filter(|l| l.contains("request done")).collect();
     assert_eq!(done.len(), 5, "one line per request:\n{logged}");
@@ -114,6 +115,8 @@ async fn a_client_whose_deadline_is_shorter_than_the_proof_gets_it_on_its_retry(
     ] {
         assert!(scrape.contains(line), "{line:?} in {scrape}");
     }
+    // The log line is written as the answer leaves; its reading may lag a busy machine.
+    proxy.daemon.wait_for_output("outcome=\"cached\"", START_TIMEOUT).await;
     let logged = proxy.daemon.output();
     let cached = logged.lines().filter(|l| l.contains("request done") && l.contains("cached"));
     assert_eq!(cached.count(), 1, "{logged}");

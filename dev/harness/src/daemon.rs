@@ -346,10 +346,21 @@ impl Daemon {
 
     /// Waits until the daemon has printed a line containing `text`.
     pub async fn wait_for_output(&mut self, text: &str, timeout: Duration) {
+        self.wait_for_lines(text, 1, timeout).await;
+    }
+
+    /// Waits until the daemon has printed `count` lines containing `text`. A proxy writes a
+    /// request's log line as its answer leaves, so a client may hold the answer first.
+    pub async fn wait_for_lines(&mut self, text: &str, count: usize, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
-        while !self.output().contains(text) {
+        let printed = |output: &str| output.lines().filter(|l| l.contains(text)).count();
+        while printed(&self.output()) < count {
             let changed = tokio::time::timeout_at(deadline, self.output_changed.changed()).await;
-            assert!(changed.is_ok(), "no `{text}` printed in {timeout:?}:\n{}", self.output());
+            assert!(
+                changed.is_ok(),
+                "not {count} lines with `{text}` printed in {timeout:?}:\n{}",
+                self.output()
+            );
         }
     }
 
