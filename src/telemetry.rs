@@ -7,6 +7,9 @@
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::os::fd::AsFd;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -35,6 +38,45 @@ pub enum TelemetryError {
 /// Checks filter directives the way [`Telemetry::set_filter`] will apply them.
 pub fn check_filter(directives: &str) -> Result<(), String> {
     EnvFilter::try_new(directives).map(drop).map_err(|err| format!("`{directives}`: {err}"))
+}
+
+/// A warning that a client or the machine can repeat many times a second (a refused TLS
+/// connection, an accept error while out of descriptors): logged at most once every `every`, and
+/// the occurrences in between are counted for the next line logged, so the journal says how many
+/// there were without filling up.
+pub struct LogEvery {
+    every: Duration,
+    last_logged: Mutex<Option<Instant>>,
+    unlogged: AtomicU64,
+}
+
+impl LogEvery {
+    /// At most one line every `every`.
+    pub const fn new(every: Duration) -> Self {
+        LogEvery { every, last_logged: Mutex::new(None), unlogged: AtomicU64::new(0) }
+    }
+
+    /// Records one occurrence. `Some(n)` when it is to be logged now, `n` being how many were
+    /// not logged since the last one that was; `None` when it is only counted (log it at debug).
+    pub fn occurred(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut last = self.last_logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_some_and(|at| now.duration_since(at) < self.every) {
+            self.unlogged.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.unlogged.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// " (N more since the last such line)" when `unlogged` is not zero, for a [`LogEvery`] line.
+pub fn more_since(unlogged: u64) -> String {
+    if unlogged == 0 {
+        String::new()
+    } else {
+        format!(" ({unlogged} more since the last such line)")
+    }
 }
 
 /// The installed subscriber's live parts.
@@ -189,4 +231,25 @@ pub fn trace_headers(span: &tracing::Span) -> HashMap<String, String> {
 pub fn continue_trace(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) {
     let header = |key: &str| metadata.get(key).and_then(|value| value.to_str().ok());
     continue_trace_from(span, header("traceparent"), header("tracestate"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first occurrence is logged; the next ones within the interval are only counted, and
+    /// the count goes out with the next line logged.
+    #[test]
+    fn a_repeated_warning_is_logged_once_an_interval_and_counted_between() {
+        let every = Duration::from_millis(30);
+        let log = LogEvery::new(every);
+        assert_eq!(log.occurred(), Some(0));
+        assert_eq!(log.occurred(), None);
+        assert_eq!(log.occurred(), None);
+        std::thread::sleep(every);
+        assert_eq!(log.occurred(), Some(2), "counted in the line logged");
+        assert_eq!(log.occurred(), None);
+        assert_eq!(more_since(0), "");
+        assert_eq!(more_since(2), " (2 more since the last such line)");
+    }
 }

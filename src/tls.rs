@@ -12,9 +12,8 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
@@ -24,6 +23,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+
+use crate::telemetry::{LogEvery, more_since};
 
 /// The protocols offered in ALPN: gRPC over HTTP/2, gRPC-web over HTTP/1.1.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -175,34 +176,23 @@ pub const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(60);
 /// the reason, at most every [`REFUSALS_LOGGED_EVERY`]: a proxy refused by its worker is a
 /// misconfiguration the operator must find in the worker's journal, but a scanner must not fill
 /// it. The others go to debug and are counted in the next warn line.
-#[derive(Default)]
-pub struct Refusals {
-    last_logged: Mutex<Option<Instant>>,
-    unlogged: AtomicU64,
+pub struct Refusals(LogEvery);
+
+impl Default for Refusals {
+    fn default() -> Self {
+        Refusals(LogEvery::new(REFUSALS_LOGGED_EVERY))
+    }
 }
 
 impl Refusals {
-    /// Logs or counts one refusal; true when it was logged at warn.
-    pub fn refused(&self, client: SocketAddr, reason: &str) -> bool {
-        let now = Instant::now();
-        {
-            let mut last =
-                self.last_logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if last.is_some_and(|at| now.duration_since(at) < REFUSALS_LOGGED_EVERY) {
-                self.unlogged.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%client, "refused a TLS connection: {reason}");
-                return false;
-            }
-            *last = Some(now);
-        }
-        let unlogged = self.unlogged.swap(0, Ordering::Relaxed);
-        let since = if unlogged > 0 {
-            format!(" ({unlogged} more refused since the last such line)")
+    /// Logs or counts one refusal.
+    pub fn refused(&self, client: SocketAddr, reason: &str) {
+        if let Some(unlogged) = self.0.occurred() {
+            let more = more_since(unlogged);
+            tracing::warn!(%client, unlogged, "refused a TLS connection from {client}: {reason}{more}");
         } else {
-            String::new()
-        };
-        tracing::warn!(%client, unlogged, "refused a TLS connection from {client}: {reason}{since}");
-        true
+            tracing::debug!(%client, "refused a TLS connection: {reason}");
+        }
     }
 }
 
@@ -395,27 +385,5 @@ impl tokio::io::AsyncWrite for MaybeTls {
             MaybeTls::Plain(tcp) => tcp.is_write_vectored(),
             MaybeTls::Tls(tls) => tls.is_write_vectored(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The first refusal is logged; the next ones within the minute are only counted, and the
-    /// count goes out with the next line logged.
-    #[test]
-    fn refused_connections_are_logged_once_a_minute_and_counted_between() {
-        let refusals = Refusals::default();
-        let client = SocketAddr::from(([192, 0, 2, 1], 40000));
-        assert!(refusals.refused(client, "TLS handshake failed: no certificate"));
-        assert!(!refusals.refused(client, "TLS handshake failed: no certificate"));
-        assert!(!refusals.refused(client, "TLS handshake failed: no certificate"));
-        assert_eq!(refusals.unlogged.load(Ordering::Relaxed), 2);
-        // A minute later.
-        *refusals.last_logged.lock().expect("lock") =
-            Instant::now().checked_sub(REFUSALS_LOGGED_EVERY);
-        assert!(refusals.refused(client, "TLS handshake failed: no certificate"));
-        assert_eq!(refusals.unlogged.load(Ordering::Relaxed), 0, "counted in the line logged");
     }
 }

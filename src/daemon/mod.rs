@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{ConfigError, Reloadable};
 use crate::systemd;
-use crate::telemetry::Telemetry;
+use crate::telemetry::{LogEvery, Telemetry, more_since};
 
 /// Exit status for an invalid configuration (`EX_CONFIG` from sysexits.h), so a unit can set
 /// `RestartPreventExitStatus=78` instead of restarting into the same error.
@@ -244,4 +244,26 @@ pub fn descriptor_headroom(needed: u64, settings: &str) -> bool {
         );
     }
     limit >= needed
+}
+
+/// How long accepting pauses after an accept error, rather than spinning.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// How often an accept error is logged at warn, at most; the others are counted in that line.
+pub const ACCEPT_ERRORS_LOGGED_EVERY: Duration = Duration::from_secs(10);
+
+/// After an accept error (EMFILE and friends: out of descriptors) a listener stays readable, so
+/// the accept loop waits [`ACCEPT_PAUSE`] rather than spin; `warnings` (one per listener, made
+/// with [`ACCEPT_ERRORS_LOGGED_EVERY`]) keeps it to a line every ten seconds.
+pub async fn pause_accepting(err: &std::io::Error, warnings: &LogEvery) {
+    if let Some(unlogged) = warnings.occurred() {
+        warn!(
+            error = %err,
+            "cannot accept connections; pausing accepts for 100 ms at a time{}",
+            more_since(unlogged)
+        );
+    } else {
+        tracing::debug!(error = %err, "cannot accept a connection");
+    }
+    tokio::time::sleep(ACCEPT_PAUSE).await;
 }

@@ -21,7 +21,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -34,7 +34,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_http::ResponseHeader;
 use prost::Message;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::bounds::{Reservation, Slot};
 use super::error::ProxyError;
@@ -42,6 +42,8 @@ use super::proxy_protocol;
 use super::tls_stream::TlsConnection;
 use super::{Proxy, RequestMeta};
 use crate::config::ClientBounds;
+use crate::daemon::{ACCEPT_ERRORS_LOGGED_EVERY, pause_accepting};
+use crate::telemetry::LogEvery;
 use crate::tls::{Refusals, ServerTls};
 use crate::wire::{H2_PREFACE, MAX_META_HEADER, PROVE_PATH, PROXY_WINDOW, SMALL_MESSAGE};
 
@@ -66,9 +68,6 @@ pub struct Front {
     refusals: Refusals,
 }
 
-/// How long accepting pauses after an error (out of descriptors), rather than spinning.
-const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
-
 /// Accepts connections on `listener` until `shutdown` turns true; HTTP/1.1 and h2c share it.
 pub async fn serve(
     proxy: Arc<Proxy>,
@@ -81,7 +80,7 @@ pub async fn serve(
     let mut stop = shutdown.clone();
     // Connections are tracked so that a stopping proxy returns only once every answer is out.
     let mut connections = tokio::task::JoinSet::new();
-    let mut last_warning: Option<Instant> = None;
+    let accept_errors = LogEvery::new(ACCEPT_ERRORS_LOGGED_EVERY);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -91,7 +90,7 @@ pub async fn serve(
         let (tcp, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(err) => {
-                pause_accepting(&err, &mut last_warning).await;
+                pause_accepting(&err, &accept_errors).await;
                 continue;
             }
         };
@@ -114,16 +113,6 @@ pub async fn serve(
     }
     drop(listener);
     while connections.join_next().await.is_some() {}
-}
-
-/// After an accept error (EMFILE and friends) the listener stays readable: pause rather than
-/// spin, with a warning every ten seconds at most.
-async fn pause_accepting(err: &std::io::Error, last_warning: &mut Option<Instant>) {
-    if last_warning.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
-        warn!(error = %err, "cannot accept connections; pausing accepts for 100 ms at a time");
-        *last_warning = Some(Instant::now());
-    }
-    tokio::time::sleep(ACCEPT_PAUSE).await;
 }
 
 /// A connection that has its place among the open connections.

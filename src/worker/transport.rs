@@ -29,10 +29,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Sleep;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::{Worker, WorkerError};
 use crate::config::Bounds;
+use crate::daemon::{ACCEPT_ERRORS_LOGGED_EVERY, pause_accepting};
+use crate::telemetry::LogEvery;
 use crate::tls::{MaybeTls, Refusals, ServerTlsCell};
 use crate::wire::{H2_PREFACE, PROVE_PATH};
 
@@ -147,6 +149,7 @@ async fn accept_loop(
     // Connections still waiting for their first byte, oldest first, each with its eviction.
     let mut waiting: VecDeque<oneshot::Sender<()>> = VecDeque::new();
     let refusals = Arc::new(Refusals::default());
+    let accept_errors = LogEvery::new(ACCEPT_ERRORS_LOGGED_EVERY);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -155,9 +158,7 @@ async fn accept_loop(
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(err) => {
-                // EMFILE and friends: pause rather than spin on a listener that stays readable.
-                warn!(error = %err, "cannot accept a connection; pausing accepts for 100 ms");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                pause_accepting(&err, &accept_errors).await;
                 continue;
             }
         };

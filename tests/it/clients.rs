@@ -12,7 +12,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::hostile::{fd_count, rss_kib};
+use crate::hostile::{cpu_ticks, fd_count, prlimited, rss_kib};
 use crate::support::fixtures::sample_transactions;
 use crate::support::requests::{request, tx_request, verify_tx};
 use crate::support::{Launch, Proxy, START_TIMEOUT, standin};
@@ -50,15 +50,6 @@ async fn get_from(from: IpAddr, to: SocketAddr, path: &str) -> u16 {
     stream.read_to_end(&mut response).await.expect("read");
     let text = String::from_utf8_lossy(&response);
     text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status line")
-}
-
-/// User and system CPU time of `pid` in clock ticks (1/100 s).
-fn cpu_ticks(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let (_, rest) = stat.rsplit_once(") ").expect("stat format");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the name: state is field 3, utime 14 and stime 15 (1-based, man 5 proc).
-    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
 }
 
 /// The `grpc-status` of a gRPC-web answer read whole (until the proxy closed the connection).
@@ -178,19 +169,7 @@ async fn two_thousand_idle_connections_at_1024_descriptors_leave_the_proxy_servi
         ("MPS_MAX_CONNECTIONS", "900"),
         ("MPS_MAX_CONNECTIONS_PER_CLIENT", "100000"),
     ]);
-    let program = launch.command.get_program().to_owned();
-    let args: Vec<_> = launch.command.get_args().map(ToOwned::to_owned).collect();
-    let envs: Vec<_> = launch
-        .command
-        .get_envs()
-        .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned())))
-        .collect();
-    let mut command = std::process::Command::new("prlimit");
-    command.arg("--nofile=1024:1024").arg("--").arg(program).args(args);
-    crate::support::clean_env(&mut command);
-    command.envs(envs);
-    launch.command = command;
-    let mut proxy = launch.start_proxy().await;
+    let mut proxy = prlimited(launch, 1024).start_proxy().await;
     proxy.wait_healthy(1, 1).await;
     let pid = proxy.daemon.pid;
     // 900 connections and 256 workers need more than 1,024 descriptors: the operator is told.

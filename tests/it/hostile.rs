@@ -135,6 +135,15 @@ fn status_field(pid: i32, field: &str) -> Option<u64> {
         .find_map(|line| line.strip_prefix(field)?.trim().strip_suffix(" kB")?.parse().ok())
 }
 
+/// User and system CPU time of `pid` in clock ticks (1/100 s).
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let (_, rest) = stat.rsplit_once(") ").expect("stat format");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3, utime 14 and stime 15 (1-based, man 5 proc).
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
 /// Open descriptors of `pid`.
 pub fn fd_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).expect("read fds").count()
@@ -509,6 +518,23 @@ impl RawH2 {
     }
 }
 
+/// `launch` run under `prlimit` with at most `descriptors` open files (its environment kept).
+pub fn prlimited(mut launch: Launch, descriptors: u32) -> Launch {
+    let program = launch.command.get_program().to_owned();
+    let args: Vec<_> = launch.command.get_args().map(ToOwned::to_owned).collect();
+    let envs: Vec<_> = launch
+        .command
+        .get_envs()
+        .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned())))
+        .collect();
+    let mut command = std::process::Command::new("prlimit");
+    command.arg(format!("--nofile={descriptors}:{descriptors}")).arg("--").arg(program).args(args);
+    crate::support::clean_env(&mut command);
+    command.envs(envs);
+    launch.command = command;
+    launch
+}
+
 fn frame(kind: u8, flags: u8, stream_id: u32, payload: &[u8]) -> Vec<u8> {
     let len = u32::try_from(payload.len()).expect("small frame").to_be_bytes();
     let mut out = vec![len[1], len[2], len[3], kind, flags];
@@ -520,18 +546,12 @@ fn frame(kind: u8, flags: u8, stream_id: u32, payload: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn stream_floods_and_silent_connections_stay_bounded() {
     // A descriptor limit like systemd's default, and a short handshake timeout.
-    let mut launch = Launch::worker("batch");
+    let launch = Launch::worker("batch");
     // The flood's first stream takes the slot with a body that never ends: request_timeout
     // frees it.
     let settings = "handshake_timeout = \"5s\"\nrequest_timeout = \"2s\"\n";
     std::fs::write(launch.dir.path().join("worker.toml"), settings).expect("worker.toml");
-    let program = launch.command.get_program().to_owned();
-    let args: Vec<_> = launch.command.get_args().map(ToOwned::to_owned).collect();
-    let mut command = std::process::Command::new("prlimit");
-    command.arg("--nofile=1024:1024").arg("--").arg(program).args(args);
-    crate::support::clean_env(&mut command);
-    launch.command = command;
-    let worker = launch.start().await;
+    let worker = prlimited(launch, 1024).start().await;
     let (rss_before, fds_before) = (rss_kib(worker.pid), fd_count(worker.pid));
 
     // 50,000 never-ending Prove streams on one connection, sent as fast as the socket takes them.
@@ -593,6 +613,45 @@ async fn stream_floods_and_silent_connections_stay_bounded() {
     eprintln!("{fds_after} fds after handshake_timeout");
     assert!(fds_after < fds_before + 16, "{fds_after} descriptors after the timeout");
     drop((silent, flood));
+}
+
+#[tokio::test]
+async fn a_worker_out_of_descriptors_pauses_accepting_warns_once_and_serves_again() {
+    // Far fewer descriptors than its connection bounds need: accept() fails with EMFILE.
+    let launch = Launch::worker("batch");
+    std::fs::write(launch.dir.path().join("worker.toml"), "handshake_timeout = \"30s\"\n")
+        .expect("worker.toml");
+    let launch = prlimited(launch, 64);
+    let mut worker = launch.start().await;
+    let pid = worker.pid;
+    worker.wait_for_output("need more descriptors than RLIMIT_NOFILE allows", START_TIMEOUT).await;
+
+    // Silent connections until no descriptor is left (about 48), and more waiting in the
+    // listener's backlog (128).
+    let mut silent = Vec::new();
+    for _ in 0..120 {
+        silent.push(TcpStream::connect(worker.addr).await.expect("connect (the backlog holds)"));
+    }
+    worker.wait_for_output("cannot accept connections", START_TIMEOUT).await;
+    let ticks = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spent = cpu_ticks(pid) - ticks;
+    eprintln!("worker CPU: {spent} ticks in 2 s out of descriptors; {} fds", fd_count(pid));
+    assert!(spent < 50, "the worker spent {spent}/200 ticks of CPU: accepting spins");
+    // Twenty failed accepts in those two seconds, one warning.
+    let logged = worker.output();
+    let warned = logged.lines().filter(|l| l.contains("cannot accept connections")).count();
+    assert_eq!(warned, 1, "{logged}");
+
+    // Descriptors back: the next client is served.
+    drop(silent);
+    let err = tokio::time::timeout(START_TIMEOUT, async {
+        worker.api().await.prove(request(ProofType::Batch, NINE_BYTE_BOMB.to_vec())).await
+    })
+    .await
+    .expect("served once descriptors are free")
+    .expect_err("an answer");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 }
 
 #[tokio::test]
