@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::signal::unix::{Signal as UnixSignal, SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -103,9 +103,21 @@ pub fn run_daemon<S: Reloadable>(
     code
 }
 
-/// Binds the TCP listener of `setting` (a taken port is an error naming it).
-pub async fn bind(addr: SocketAddr, setting: &'static str) -> Result<TcpListener, DaemonError> {
-    TcpListener::bind(addr).await.map_err(|source| DaemonError::Bind { addr, setting, source })
+/// Connections the kernel holds for a listener before it accepts them: a burst of new clients
+/// (or an accept loop paused out of descriptors) waits here rather than having its SYNs dropped
+/// and retried a second later. The kernel caps it at `net.core.somaxconn` (4096 by default).
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds the TCP listener of `setting` (a taken port is an error naming it), with a backlog of
+/// [`LISTEN_BACKLOG`].
+pub fn bind(addr: SocketAddr, setting: &'static str) -> Result<TcpListener, DaemonError> {
+    let listen = || {
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| DaemonError::Bind { addr, setting, source })
 }
 
 /// What a signal asks of a daemon.

@@ -39,21 +39,20 @@ struct Bound {
 }
 
 impl Bound {
-    async fn bind(settings: &ProxySettings) -> Result<Self, DaemonError> {
+    fn bind(settings: &ProxySettings) -> Result<Self, DaemonError> {
         let at = |ip: IpAddr, port| SocketAddr::new(ip, port);
         let metrics = match settings.metrics_port {
             Some(port) => {
-                Some(super::bind(at(settings.status_bind_address, port), "metrics_port").await?)
+                Some(super::bind(at(settings.status_bind_address, port), "metrics_port")?)
             }
             None => None,
         };
         Ok(Self {
-            main: super::bind(at(settings.bind_address, settings.port), "port").await?,
+            main: super::bind(at(settings.bind_address, settings.port), "port")?,
             status: super::bind(
                 at(settings.status_bind_address, settings.status_port),
                 "status_port",
-            )
-            .await?,
+            )?,
             metrics,
             control: settings.control_socket.as_deref().map(control::socket::bind).transpose()?,
         })
@@ -168,7 +167,7 @@ async fn run(
     settings: &mut ProxySettings,
     telemetry: &Telemetry,
 ) -> Result<(), DaemonError> {
-    let bound = Bound::bind(settings).await?;
+    let bound = Bound::bind(settings)?;
     let mut signals = Signals::install()?;
     descriptor_headroom(settings);
     let proxy = Proxy::new(settings);

@@ -23,7 +23,7 @@ async fn run(
     settings: &mut WorkerSettings,
     telemetry: &Telemetry,
 ) -> Result<(), DaemonError> {
-    let listener = super::bind(settings.listen_addr(), "port").await?;
+    let listener = super::bind(settings.listen_addr(), "port")?;
     let local = listener.local_addr().unwrap_or_else(|_| settings.listen_addr());
     let mut signals = Signals::install()?;
     // A served and a waiting descriptor per connection, six pipes for a proof and its spare,

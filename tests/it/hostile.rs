@@ -627,7 +627,7 @@ async fn a_worker_out_of_descriptors_pauses_accepting_warns_once_and_serves_agai
     worker.wait_for_output("need more descriptors than RLIMIT_NOFILE allows", START_TIMEOUT).await;
 
     // Silent connections until no descriptor is left (about 48), and more waiting in the
-    // listener's backlog (128).
+    // listener's backlog.
     let mut silent = Vec::new();
     for _ in 0..120 {
         silent.push(TcpStream::connect(worker.addr).await.expect("connect (the backlog holds)"));
