@@ -5,6 +5,9 @@
 //! unshare --net sh -c 'ip link set lo up && UPSTREAM_BIN=… target/debug/examples/bench_proxy upstream'
 //! ```
 //!
+//! `BENCH_CPU_LATENCY_US=0` holds the machine's CPU wake-up latency limit for the run
+//! (`harness::machine`), so that the figures show the proxy rather than the VM's wake-ups.
+//!
 //! - `fake`: STAND-IN workers (in this process; they speak the worker's gRPC, answer after a fixed
 //!   50 ms and refuse a second request while busy, like a worker) — 8 of them, 109 KB payloads.
 //!   Added latency: 8 clients through the proxy against 8 clients calling the workers directly
@@ -205,18 +208,66 @@ async fn fake() {
     let workers = start_fake_workers_answering(8, env!("CARGO_PKG_VERSION"), Answer::Small).await;
     let mut proxy = harness::Launch::proxy_for("transaction", &workers).start_proxy().await;
     proxy.wait_healthy(8, 8).await;
+    let relays = start_relays(&workers);
     let direct = run_load(workers.clone(), 40, deadline).await;
     let through = run_load(vec![proxy.daemon.addr; 8], 40, deadline).await;
+    let relayed = run_load(relays, 40, deadline).await;
     println!("## fake workers on Tokio's timer (8 × {FAKE_DELAY:?}, 1 KB answers)");
     println!("| rig | answered | throughput | p50 | p99 |");
     println!("|---|---|---|---|---|");
     report("8 clients → workers directly", &direct);
     report("8 clients → proxy", &through);
+    report("8 clients → bare TCP relays → workers", &relayed);
+    let added = |load: &Load| {
+        (
+            ms(percentile(&load.latencies, 0.5)) - ms(percentile(&direct.latencies, 0.5)),
+            ms(percentile(&load.latencies, 0.99)) - ms(percentile(&direct.latencies, 0.99)),
+        )
+    };
+    let ((proxy_p50, proxy_p99), (relay_p50, relay_p99)) = (added(&through), added(&relayed));
     println!(
-        "added by the proxy (8 clients, 1 KB answers): p50 {:.2} ms, p99 {:.2} ms",
-        ms(percentile(&through.latencies, 0.5)) - ms(percentile(&direct.latencies, 0.5)),
-        ms(percentile(&through.latencies, 0.99)) - ms(percentile(&direct.latencies, 0.99)),
+        "added by the proxy (8 clients, 1 KB answers): p50 {proxy_p50:.2} ms, p99 {proxy_p99:.2} ms; \
+         by a bare TCP relay: p50 {relay_p50:.2} ms, p99 {relay_p99:.2} ms"
     );
+}
+
+/// A bare TCP relay in front of each of `workers`, on a runtime of its own with two threads like
+/// the proxy's on this machine: the cost of one more hop on the path, without HTTP/2, gRPC or
+/// any of the proxy's work. Runs until the process exits.
+fn start_relays(workers: &[SocketAddr]) -> Vec<SocketAddr> {
+    let listeners: Vec<_> = workers
+        .iter()
+        .map(|&worker| {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a relay");
+            listener.set_nonblocking(true).expect("nonblocking");
+            (listener, worker)
+        })
+        .collect();
+    let addrs = listeners.iter().map(|(l, _)| l.local_addr().expect("relay address")).collect();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("the relays' runtime");
+        runtime.block_on(async move {
+            for (listener, worker) in listeners {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                tokio::spawn(async move {
+                    while let Ok((mut client, _)) = listener.accept().await {
+                        tokio::spawn(async move {
+                            let mut upstream =
+                                tokio::net::TcpStream::connect(worker).await.expect("connect");
+                            let _ = (client.set_nodelay(true), upstream.set_nodelay(true));
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        });
+                    }
+                });
+            }
+            std::future::pending::<()>().await;
+        });
+    });
+    addrs
 }
 
 /// The same rig against upstream's proxy (`miden-remote-prover` 0.12.8, path in `UPSTREAM_BIN`).
@@ -642,6 +693,7 @@ fn fleet_row(name: &str, load: &Load, cpu: Option<f64>) {
 #[tokio::main]
 async fn main() {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".to_owned());
+    let _latency = harness::machine::hold_cpu_latency_from_env();
     if which == "fake" || which == "all" {
         fake().await;
     }

@@ -7,7 +7,9 @@
 //! cargo build --locked --bins --examples && target/debug/examples/bench_worker [TX_RUNS] [BATCH_RUNS]
 //! ```
 //!
-//! `BENCH_PROOFS_PER_PROVER_PROCESS=N` sets the batch worker's `proofs_per_prover_process`.
+//! `BENCH_PROOFS_PER_PROVER_PROCESS=N` sets the batch worker's `proofs_per_prover_process`;
+//! `BENCH_CPU_LATENCY_US=0` holds the machine's CPU wake-up latency limit for the run
+//! (`harness::machine`).
 
 use std::time::{Duration, Instant};
 
@@ -39,6 +41,7 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let tx_runs: usize = args.next().map_or(Ok(3), |a| a.parse())?;
     let batch_runs: usize = args.next().map_or(Ok(50), |a| a.parse())?;
+    let _latency = harness::machine::hold_cpu_latency_from_env();
 
     // Each side proves the same request every run: the worker must not answer from a kept proof.
     let tx_worker = harness::Launch::worker_proving_every_request("transaction").start().await;

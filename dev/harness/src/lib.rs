@@ -12,11 +12,13 @@
 //! - [`fixtures`]: real Miden inputs from `MockChain`, and proving in this process.
 //! - [`standin`]: STAND-IN workers that answer with dummy proofs, to load the proxy.
 //! - [`rig`]: hosts made of network namespaces, with link faults and a DNS server.
+//! - [`machine`]: the CPU wake-up latency limit a benchmark may hold.
 
 pub mod certs;
 pub mod daemon;
 pub mod fixtures;
 pub mod http;
+pub mod machine;
 pub mod notify;
 pub mod procfs;
 pub mod requests;
