@@ -225,7 +225,13 @@ async fn drain(proxy: &Proxy, grace_period: Duration, shutdown_timeout: Duration
     }
 }
 
-/// Keeps `STATUS=` current: "2/3 workers healthy, queue 1/10".
+/// How often `STATUS=` is rewritten, at most.
+const STATUS_EVERY: Duration = Duration::from_millis(100);
+
+/// Keeps `STATUS=` current: "2/3 workers healthy, queue 1/10". A change is reported at once
+/// after a quiet spell, then at most every [`STATUS_EVERY`] with the latest state: a busy proxy
+/// changes its queue on every request, and each line is a message for the service manager to
+/// read and a wake-up of this task on the request's path.
 async fn report_status(proxy: Arc<Proxy>) {
     let mut changed = proxy.pool().subscribe();
     let mut last = String::new();
@@ -236,6 +242,8 @@ async fn report_status(proxy: Arc<Proxy>) {
             last = line;
         }
         proxy.update_gauges();
+        // Changes meanwhile mark the channel, and the next turn reports the state they left.
+        tokio::time::sleep(STATUS_EVERY).await;
     }
 }
 
