@@ -12,8 +12,10 @@
 //!   50 ms and refuse a second request while busy, like a worker) — 8 of them, 109 KB payloads.
 //!   Added latency: 8 clients through the proxy against 8 clients calling the workers directly
 //!   (one each, no queueing either way). Throughput: 64 clients through the proxy, ≥ 2,000
-//!   requests, against the ideal 8 / 50 ms = 160 requests/s. Then the added latency again with
-//!   stand-ins that sleep on Tokio's timer and answer 1 KB.
+//!   requests, against the ideal 8 / 50 ms = 160 requests/s, and a stand-in's cycle split in
+//!   two: its handler's own time (the 50 ms and the sleep's overshoot), and the rest, from its
+//!   answer to its next request, with clients calling it directly and through the proxy. Then
+//!   the added latency again with stand-ins that sleep on Tokio's timer and answer 1 KB.
 //! - `real`: real proofs. 4 concurrent transaction requests through the proxy and one worker
 //!   against the same 4 proofs in-process one after another (wall ratio, and the proxy's CPU
 //!   seconds from /proc); then batch proofs through the proxy against in-process (medians). The
@@ -33,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use harness::requests::{request, tx_request};
 use harness::rig::Rig;
-use harness::standin::{Answer, start_at};
+use harness::standin::{Answer, StandIn, start_at};
 use miden_objects::MIN_PROOF_SECURITY_LEVEL;
 use miden_objects::transaction::ProvenTransaction;
 use miden_objects::utils::{Deserializable, Serializable};
@@ -55,11 +57,37 @@ async fn start_fake_workers_answering(
     version: &'static str,
     answer: Answer,
 ) -> Vec<SocketAddr> {
-    let mut addrs = Vec::new();
+    start_standins(n, version, answer).await.0
+}
+
+/// `n` stand-ins, their addresses and their handles.
+async fn start_standins(
+    n: usize,
+    version: &'static str,
+    answer: Answer,
+) -> (Vec<SocketAddr>, Vec<StandIn>) {
+    let mut started = (Vec::new(), Vec::new());
     for _ in 0..n {
-        addrs.push(harness::standin::start_answering(version, FAKE_DELAY, answer).await.0);
+        let (addr, standin) = harness::standin::start_answering(version, FAKE_DELAY, answer).await;
+        started.0.push(addr);
+        started.1.push(standin);
     }
-    addrs
+    started
+}
+
+/// The stand-ins' handler time so far.
+fn handler_time(standins: &[StandIn]) -> Duration {
+    standins.iter().map(StandIn::handler_time).sum()
+}
+
+/// Where a stand-in's time went in `load`, which began when their handler time was `before`:
+/// its handler's mean time per answer (the 50 ms and the sleep's overshoot) and the rest of its
+/// cycle, from an answer to its next request (tonic's work on both ends, and every hop between).
+fn cycle(standins: &[StandIn], before: Duration, load: &Load) -> (f64, f64) {
+    let answered = load.latencies.len() as f64;
+    let handler = ms(handler_time(standins).saturating_sub(before)) / answered;
+    let cycle = ms(load.wall) * standins.len() as f64 / answered;
+    (handler, cycle - handler)
 }
 
 async fn client(addr: SocketAddr) -> ApiClient<Channel> {
@@ -170,7 +198,7 @@ fn report(name: &str, load: &Load) {
 }
 
 async fn fake() {
-    let workers = start_fake_workers(8, env!("CARGO_PKG_VERSION")).await;
+    let (workers, standins) = start_standins(8, env!("CARGO_PKG_VERSION"), Answer::Proof).await;
     let mut launch = harness::Launch::proxy_for("transaction", &workers);
     launch.command.env("MPS_MAX_QUEUE_ITEMS", "128");
     // The benchmark's requests are all distinct; `BENCH_PROOF_CACHE_SIZE=0` shows what keeping
@@ -182,10 +210,14 @@ async fn fake() {
     proxy.wait_healthy(8, 8).await;
 
     let deadline = Duration::from_secs(120);
+    let before = handler_time(&standins);
     let direct = run_load(workers.clone(), 40, deadline).await;
+    let direct_cycle = cycle(&standins, before, &direct);
     let through = run_load(vec![proxy.daemon.addr; 8], 40, deadline).await;
     let cpu_before = cpu_seconds(proxy.daemon.pid);
+    let before = handler_time(&standins);
     let loaded = run_load(vec![proxy.daemon.addr; 64], 2_048 / 64, deadline).await;
+    let loaded_cycle = cycle(&standins, before, &loaded);
     let cpu = cpu_seconds(proxy.daemon.pid) - cpu_before;
     println!("## fake workers (stand-ins: 8 × {FAKE_DELAY:?}, {PAYLOAD_BYTES} B payloads)");
     println!("| rig | answered | throughput | p50 | p99 |");
@@ -201,10 +233,23 @@ async fn fake() {
         cpu,
         loaded.wall.as_secs_f64(),
     );
+    println!(
+        "a stand-in's cycle: its handler {:.3} ms, then {:.3} ms to its next request, with 8 \
+         clients calling it directly; {:.3} ms, then {:.3} ms, with 64 clients through the proxy \
+         ({:.1} % of the throughput the handlers' own time allows)",
+        direct_cycle.0,
+        direct_cycle.1,
+        loaded_cycle.0,
+        loaded_cycle.1,
+        loaded_cycle.0 / (loaded_cycle.0 + loaded_cycle.1) * 100.0,
+    );
     drop(proxy);
+    small_answers(deadline).await;
+}
 
-    // The same latency pair with stand-ins that sleep on Tokio's timer and answer 1 KB: the
-    // proxy's hop with the least payload to carry.
+/// The added latency of [`fake`] again, with stand-ins that sleep on Tokio's timer and answer
+/// 1 KB: the proxy's hop with the least payload to carry, and a bare TCP relay's beside it.
+async fn small_answers(deadline: Duration) {
     let workers = start_fake_workers_answering(8, env!("CARGO_PKG_VERSION"), Answer::Small).await;
     let mut proxy = harness::Launch::proxy_for("transaction", &workers).start_proxy().await;
     proxy.wait_healthy(8, 8).await;

@@ -30,6 +30,8 @@ pub struct StandIn {
     answer: Answer,
     /// How long its busy answer takes, in milliseconds ([`StandIn::answer_busy_after`]).
     busy_after_ms: Arc<AtomicU64>,
+    /// Nanoseconds its handler spent on the requests it answered with a proof.
+    handler_nanos: Arc<AtomicU64>,
 }
 
 /// How a stand-in waits out its delay and what it answers.
@@ -87,7 +89,14 @@ impl StandIn {
             mortal,
             answer,
             busy_after_ms: Arc::default(),
+            handler_nanos: Arc::default(),
         }
+    }
+
+    /// Time its handler spent on the requests it answered with a proof, from taking the request
+    /// to giving the answer back to tonic: the delay, and how far the sleep overshot it.
+    pub fn handler_time(&self) -> Duration {
+        Duration::from_nanos(self.handler_nanos.load(Ordering::SeqCst))
     }
 
     /// Makes its busy answer (to a request that comes while it works on another) take `delay`,
@@ -124,13 +133,19 @@ impl Api for StandIn {
             tokio::time::sleep(after).await;
             return Err(Status::resource_exhausted("Server is busy handling another request"));
         }
+        let taken = std::time::Instant::now();
         let delay = self.delay;
         let size = match self.answer {
             // A thread's sleep keeps the delay to within ~0.1 ms; the runtime's timer wheel
             // rounds up to its 1 ms ticks, which alone would cost a 50 ms stand-in 1–2 % of its
-            // throughput.
+            // throughput. The thread sleeps until `delay` after the request was taken, so the
+            // hand-over to the blocking thread is inside the delay, not added to it.
             Answer::Proof => {
-                let _ = tokio::task::spawn_blocking(move || std::thread::sleep(delay)).await;
+                let due = taken + delay;
+                let _ = tokio::task::spawn_blocking(move || {
+                    std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+                })
+                .await;
                 84_000
             }
             Answer::Small => {
@@ -138,6 +153,8 @@ impl Api for StandIn {
                 1_000
             }
         };
+        let nanos = u64::try_from(taken.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.handler_nanos.fetch_add(nanos, Ordering::SeqCst);
         self.busy.store(false, Ordering::SeqCst);
         self.served.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(Proof { payload: vec![7; size] }))
