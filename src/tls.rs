@@ -21,8 +21,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::telemetry::{LogEvery, more_since};
 
@@ -283,6 +283,41 @@ impl ClientTls {
             config = config.identity(Identity::from_pem(&chain.pem[..], &key.pem[..]));
         }
         config
+    }
+}
+
+impl ClientTls {
+    /// The connector for one `https://` worker connection's `Prove` calls: the CA file's
+    /// certificates (the system's roots without one), the client certificate if any, and ALPN
+    /// `h2` (a worker speaks gRPC over HTTP/2 only).
+    pub fn connector(&self) -> Result<TlsConnector, String> {
+        let roots = if let Some(ca) = &self.ca {
+            ca.roots("tls_worker_ca_file")?
+        } else {
+            let mut roots = RootCertStore::empty();
+            let native = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(native.certs);
+            if added == 0 {
+                return Err(format!(
+                    "no system CA certificates to check the worker's against ({:?}); set \
+                     tls_worker_ca_file",
+                    native.errors
+                ));
+            }
+            roots
+        };
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|err| err.to_string())?
+            .with_root_certificates(roots);
+        let mut config = match &self.identity {
+            Some((chain, key)) => builder
+                .with_client_auth_cert(chain.der.clone(), key.der.clone_key())
+                .map_err(|err| err.to_string())?,
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(TlsConnector::from(Arc::new(config)))
     }
 }
 

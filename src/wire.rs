@@ -46,6 +46,11 @@ pub const MAX_META_HEADER: usize = 512;
 /// HTTP/2's 64 KiB default a 170 KB batch waits for several).
 pub const PROXY_WINDOW: u32 = 16 << 20;
 
+/// The largest HTTP/2 frame a worker takes, and the proxy takes from a worker: a peer sends a
+/// message in frames of at most this size, and with HTTP/2's 16 KiB default a 109 KB request is
+/// seven frames, each a read and a write on both sides; with 1 MiB it is one.
+pub const MAX_FRAME_SIZE: u32 = 1 << 20;
+
 /// A worker's HTTP/2 window of a stream: a whole batch (≈ 170 KB) or transaction arrives without
 /// waiting for a `WINDOW_UPDATE` round trip.
 pub const WORKER_STREAM_WINDOW: u32 = 2 << 20;

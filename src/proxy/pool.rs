@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
+use super::forward::Upstream;
 use crate::config::WorkerAddress;
 use crate::tls::ClientTls;
 use crate::wire::PROXY_WINDOW;
@@ -136,9 +137,12 @@ struct WorkerEntry {
     address: WorkerAddress,
     /// The declared name whose DNS answer this worker is (it goes when the answer drops it).
     name: Option<WorkerAddress>,
+    /// Health checks and status polls.
     channel: Channel,
-    /// What the channel was made with: when a reload changed the pool's settings, the channel
-    /// is made anew once the worker is idle.
+    /// `Prove` calls.
+    upstream: Arc<Upstream>,
+    /// What the channel and the upstream were made with: when a reload changed the pool's
+    /// settings, they are made anew once the worker is idle.
     made_with: ChannelSettings,
     /// Channels made anew for it after reloads.
     renewed: u32,
@@ -168,7 +172,12 @@ impl WorkerEntry {
 
     /// This worker, to be handed to a request.
     fn grant(&self) -> Grant {
-        Grant { worker: self.id, address: self.address.to_string(), channel: self.channel.clone() }
+        Grant {
+            worker: self.id,
+            address: self.address.to_string(),
+            channel: self.channel.clone(),
+            upstream: Arc::clone(&self.upstream),
+        }
     }
 
     fn set_health(&mut self, health: Health) {
@@ -192,6 +201,7 @@ struct Grant {
     worker: u64,
     address: String,
     channel: Channel,
+    upstream: Arc<Upstream>,
 }
 
 /// A worker entry that is a DNS name: it stands for every address it resolves to, each a
@@ -310,6 +320,7 @@ pub struct Lease {
     worker: u64,
     address: String,
     channel: Channel,
+    upstream: Arc<Upstream>,
 }
 
 impl Lease {
@@ -321,6 +332,11 @@ impl Lease {
     /// A gRPC channel to the worker (shared, connects lazily, reconnects after failures).
     pub fn channel(&self) -> Channel {
         self.channel.clone()
+    }
+
+    /// The worker's connection for `Prove` calls.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
     }
 }
 
@@ -428,6 +444,7 @@ impl WorkerPool {
     ) -> Result<bool, AddError> {
         let settings = self.channel_settings();
         let channel = connect_lazy(address, name, &settings);
+        let upstream = Arc::new(Upstream::new(address, name, &settings));
         let mut state = self.lock();
         if let Some(present) =
             state.workers.iter_mut().find(|w| w.address == *address && !w.removed)
@@ -450,6 +467,7 @@ impl WorkerPool {
             address: address.clone(),
             name: name.cloned(),
             channel,
+            upstream,
             made_with: settings,
             renewed: 0,
             version: String::new(),
@@ -582,6 +600,7 @@ impl WorkerPool {
             worker: grant.worker,
             address: grant.address,
             channel: grant.channel,
+            upstream: grant.upstream,
         }
     }
 
@@ -785,6 +804,7 @@ fn renew_if_stale(worker: &mut WorkerEntry, settings: &ChannelSettings) {
     {
         let channel = connect_lazy(&worker.address, worker.name.as_ref(), settings);
         worker.channel = channel;
+        worker.upstream = Arc::new(Upstream::new(&worker.address, worker.name.as_ref(), settings));
         worker.made_with = settings.clone();
         worker.renewed += 1;
     }

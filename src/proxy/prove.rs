@@ -292,17 +292,17 @@ impl Proxy {
         call: &Call<'_>,
         span: &Span,
     ) -> (pool::Lease, Result<Bytes, Failure>) {
-        let request = worker_request(call.message, call.meta, span);
-        let channel = lease.channel();
+        let headers = worker_headers(call.meta, span);
         let in_flight = InFlight(Some(lease));
+        let upstream = in_flight.lease().upstream();
         let answer = tokio::time::timeout(
             call.live.timeout,
-            forward::prove(channel, request).instrument(span.clone()),
+            forward::prove(upstream, call.message, headers).instrument(span.clone()),
         )
         .await;
         let lease = in_flight.landed();
         let answer = match answer {
-            Ok(Ok(proof)) => Ok(proof.into_inner()),
+            Ok(Ok(proof)) => Ok(proof),
             Ok(Err(status)) => Err(classify(status)),
             Err(_elapsed) => Err(Failure::TimedOut),
         };
@@ -414,11 +414,11 @@ const HOLD_POLL_MAX: Duration = Duration::from_millis(100);
 /// attempt: a bound on one request's rounds when every proxy's view of the fleet is stale.
 const MAX_TAKEN_ELSEWHERE: u32 = 16;
 
-/// The call to a worker: the message, and trace headers. The worker's trace parent is the
+/// The headers of the call to a worker: trace headers and the request id. The worker's trace parent is the
 /// attempt's span when this proxy exports traces; otherwise (no exporter, or a log filter that
 /// disables info spans) the client's own context, passed on, so the worker's span still joins
 /// the client's trace.
-fn worker_request(message: &Bytes, meta: &RequestMeta, span: &Span) -> tonic::Request<Bytes> {
+fn worker_headers(meta: &RequestMeta, span: &Span) -> http::HeaderMap {
     let exported = telemetry::trace_headers(span);
     let (traceparent, tracestate) = match exported.get("traceparent") {
         Some(own) => (Some(own.clone()), exported.get("tracestate").cloned()),
@@ -427,17 +427,17 @@ fn worker_request(message: &Bytes, meta: &RequestMeta, span: &Span) -> tonic::Re
     // No `grpc-timeout` header: tonic answers an expired one with CANCELLED, which reads as a
     // worker gone. The proxy keeps the time itself, and an attempt it gives up is dropped, which
     // makes the worker kill that proof's prover process.
-    let mut request = tonic::Request::new(message.clone());
+    let mut headers = http::HeaderMap::new();
     for (key, value) in [
         ("traceparent", &traceparent),
         ("tracestate", &tracestate),
         ("x-request-id", &meta.request_id),
     ] {
         if let Some(value) = value.as_deref().and_then(|v| v.parse().ok()) {
-            request.metadata_mut().insert(key, value);
+            headers.insert(key, value);
         }
     }
-    request
+    headers
 }
 
 /// What a failed attempt met.
@@ -476,6 +476,11 @@ struct InFlight(Option<pool::Lease>);
 
 impl InFlight {
     /// The answer (or the proxy's timeout) came: the caller decides what becomes of the lease.
+    /// The lease it holds.
+    fn lease(&self) -> &pool::Lease {
+        self.0.as_ref().expect("an InFlight holds its lease until it lands")
+    }
+
     fn landed(mut self) -> pool::Lease {
         self.0.take().expect("an InFlight holds its lease until it lands")
     }

@@ -36,7 +36,7 @@ use crate::tls::ServerTlsCell;
 use crate::{ProofKind, systemd, telemetry};
 
 use crate::wire::{
-    BUSY_MESSAGE, MAX_MESSAGE_SIZE, SMALL_MESSAGE, WORKER_CONNECTION_WINDOW,
+    BUSY_MESSAGE, MAX_FRAME_SIZE, MAX_MESSAGE_SIZE, SMALL_MESSAGE, WORKER_CONNECTION_WINDOW,
     WORKER_KEEPALIVE_INTERVAL, WORKER_KEEPALIVE_TIMEOUT, WORKER_MAX_CONCURRENT_STREAMS,
     WORKER_STREAM_WINDOW,
 };
@@ -484,7 +484,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(WORKER_STREAM_WINDOW))
         .initial_connection_window_size(Some(WORKER_CONNECTION_WINDOW))
-        .max_frame_size(Some(1 << 20))
+        .max_frame_size(Some(MAX_FRAME_SIZE))
         .max_concurrent_streams(Some(WORKER_MAX_CONCURRENT_STREAMS))
         .http2_max_header_list_size(Some(16 << 10))
         .http2_keepalive_interval(Some(WORKER_KEEPALIVE_INTERVAL))
