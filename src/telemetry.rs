@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::os::fd::AsFd;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use opentelemetry::trace::TracerProvider as _;
@@ -46,27 +45,28 @@ pub fn check_filter(directives: &str) -> Result<(), String> {
 /// there were without filling up.
 pub struct LogEvery {
     every: Duration,
-    last_logged: Mutex<Option<Instant>>,
-    unlogged: AtomicU64,
+    /// When a line was last logged, and how many occurrences were only counted since.
+    state: Mutex<(Option<Instant>, u64)>,
 }
 
 impl LogEvery {
     /// At most one line every `every`.
     pub const fn new(every: Duration) -> Self {
-        LogEvery { every, last_logged: Mutex::new(None), unlogged: AtomicU64::new(0) }
+        LogEvery { every, state: Mutex::new((None, 0)) }
     }
 
     /// Records one occurrence. `Some(n)` when it is to be logged now, `n` being how many were
     /// not logged since the last one that was; `None` when it is only counted (log it at debug).
     pub fn occurred(&self) -> Option<u64> {
         let now = Instant::now();
-        let mut last = self.last_logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (last, unlogged) = &mut *state;
         if last.is_some_and(|at| now.duration_since(at) < self.every) {
-            self.unlogged.fetch_add(1, Ordering::Relaxed);
+            *unlogged += 1;
             return None;
         }
         *last = Some(now);
-        Some(self.unlogged.swap(0, Ordering::Relaxed))
+        Some(std::mem::take(unlogged))
     }
 }
 

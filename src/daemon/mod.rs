@@ -271,7 +271,8 @@ pub async fn pause_accepting(err: &std::io::Error, warnings: &LogEvery) {
     if let Some(unlogged) = warnings.occurred() {
         warn!(
             error = %err,
-            "cannot accept connections; pausing accepts for 100 ms at a time{}",
+            "cannot accept connections; pausing accepts for {} at a time{}",
+            humantime::format_duration(ACCEPT_PAUSE),
             more_since(unlogged)
         );
     } else {
