@@ -261,8 +261,12 @@ async fn two_proxies_share_three_workers_no_client_sees_busy_and_clients_survive
     let sample = sample_transactions(12).await.expect("sample transactions");
     let workers = start_workers(&rig, &["worker-1", "worker-2", "worker-3"]).await;
     let addresses: Vec<String> = workers.iter().map(|w| w.addr.to_string()).collect();
-    let mut a = start_proxy(&rig, "proxy-a", &addresses, &[("MPS_MAX_QUEUE_ITEMS", "12")]).await;
-    let mut b = start_proxy(&rig, "proxy-b", &addresses, &[("MPS_MAX_QUEUE_ITEMS", "12")]).await;
+    // Once A is gone, B proves all 12 requests on 3 workers, four rounds one after another,
+    // each of them slow on a machine that runs other tests' proofs too (31–45 s a round has been
+    // seen): the last ones wait in B's queue longer than its 100 s default.
+    let queue = [("MPS_MAX_QUEUE_ITEMS", "12"), ("MPS_MAX_QUEUE_WAIT", "600s")];
+    let mut a = start_proxy(&rig, "proxy-a", &addresses, &queue).await;
+    let mut b = start_proxy(&rig, "proxy-b", &addresses, &queue).await;
     a.wait_healthy(3, 3).await;
     b.wait_healthy(3, 3).await;
     let endpoints = [format!("http://{}", a.daemon.addr), format!("http://{}", b.daemon.addr)];
