@@ -414,10 +414,10 @@ const HOLD_POLL_MAX: Duration = Duration::from_millis(100);
 /// attempt: a bound on one request's rounds when every proxy's view of the fleet is stale.
 const MAX_TAKEN_ELSEWHERE: u32 = 16;
 
-/// The headers of the call to a worker: trace headers and the request id. The worker's trace parent is the
-/// attempt's span when this proxy exports traces; otherwise (no exporter, or a log filter that
-/// disables info spans) the client's own context, passed on, so the worker's span still joins
-/// the client's trace.
+/// The headers of the call to a worker: trace headers and the request id. The worker's trace
+/// parent is the attempt's span when this proxy exports traces; otherwise (no exporter, or a log
+/// filter that disables info spans) the client's own context, passed on, so the worker's span
+/// still joins the client's trace.
 fn worker_headers(meta: &RequestMeta, span: &Span) -> http::HeaderMap {
     let exported = telemetry::trace_headers(span);
     let (traceparent, tracestate) = match exported.get("traceparent") {
@@ -475,12 +475,12 @@ fn classify(status: Status) -> Failure {
 struct InFlight(Option<pool::Lease>);
 
 impl InFlight {
-    /// The answer (or the proxy's timeout) came: the caller decides what becomes of the lease.
     /// The lease it holds.
     fn lease(&self) -> &pool::Lease {
         self.0.as_ref().expect("an InFlight holds its lease until it lands")
     }
 
+    /// The answer (or the proxy's timeout) came: the caller decides what becomes of the lease.
     fn landed(mut self) -> pool::Lease {
         self.0.take().expect("an InFlight holds its lease until it lands")
     }
