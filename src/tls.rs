@@ -12,7 +12,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rustls::RootCertStore;
@@ -241,6 +241,9 @@ pub struct ClientTls {
     ca: Option<Certificates>,
     identity: Option<(Certificates, PrivateKey)>,
     fingerprint: [u8; 32],
+    /// The `Prove` connections' connector, made at the first `https://` connection (so the
+    /// system's roots are read only when a worker needs them) and shared by every clone.
+    connector: Arc<OnceLock<Result<TlsConnector, String>>>,
 }
 
 impl ClientTls {
@@ -267,7 +270,7 @@ impl ClientTls {
             identity.as_ref().map(|(chain, _)| &chain.pem[..]),
             identity.as_ref().map(|(_, key)| &key.pem[..]),
         ]);
-        Ok(ClientTls { ca, identity, fingerprint })
+        Ok(ClientTls { ca, identity, fingerprint, connector: Arc::default() })
     }
 
     /// tonic's configuration for one `https://` worker connection, whose handshake may take
@@ -287,10 +290,14 @@ impl ClientTls {
 }
 
 impl ClientTls {
-    /// The connector for one `https://` worker connection's `Prove` calls: the CA file's
+    /// The connector for `https://` worker connections' `Prove` calls: the CA file's
     /// certificates (the system's roots without one), the client certificate if any, and ALPN
-    /// `h2` (a worker speaks gRPC over HTTP/2 only).
+    /// `h2` (a worker speaks gRPC over HTTP/2 only). Made once, at the first call.
     pub fn connector(&self) -> Result<TlsConnector, String> {
+        self.connector.get_or_init(|| self.make_connector()).clone()
+    }
+
+    fn make_connector(&self) -> Result<TlsConnector, String> {
         let roots = if let Some(ca) = &self.ca {
             ca.roots("tls_worker_ca_file")?
         } else {
