@@ -137,12 +137,10 @@ struct WorkerEntry {
     address: WorkerAddress,
     /// The declared name whose DNS answer this worker is (it goes when the answer drops it).
     name: Option<WorkerAddress>,
-    /// Health checks and status polls.
-    channel: Channel,
-    /// `Prove` calls.
-    upstream: Arc<Upstream>,
-    /// What the channel and the upstream were made with: when a reload changed the pool's
-    /// settings, they are made anew once the worker is idle.
+    /// The connections to it.
+    link: Arc<Link>,
+    /// What the link was made with: when a reload changed the pool's settings, it is made
+    /// anew once the worker is idle.
     made_with: ChannelSettings,
     /// Channels made anew for it after reloads.
     renewed: u32,
@@ -172,12 +170,7 @@ impl WorkerEntry {
 
     /// This worker, to be handed to a request.
     fn grant(&self) -> Grant {
-        Grant {
-            worker: self.id,
-            address: self.address.to_string(),
-            channel: self.channel.clone(),
-            upstream: Arc::clone(&self.upstream),
-        }
+        Grant { worker: self.id, address: self.address.to_string(), link: Arc::clone(&self.link) }
     }
 
     fn set_health(&mut self, health: Health) {
@@ -200,8 +193,29 @@ struct Waiter {
 struct Grant {
     worker: u64,
     address: String,
+    link: Arc<Link>,
+}
+
+/// The proxy's two connections to one worker, made together with the same settings.
+struct Link {
+    /// Health checks and status polls (tonic; connects on first use, reconnects after failures).
     channel: Channel,
-    upstream: Arc<Upstream>,
+    /// `Prove` calls (h2, written and read by the request's own task).
+    upstream: Upstream,
+}
+
+impl Link {
+    /// The connections to `address` (found under the DNS `name`, if any); made on first use.
+    fn new(
+        address: &WorkerAddress,
+        name: Option<&WorkerAddress>,
+        settings: &ChannelSettings,
+    ) -> Self {
+        Link {
+            channel: connect_lazy(address, name, settings),
+            upstream: Upstream::new(address, name, settings),
+        }
+    }
 }
 
 /// A worker entry that is a DNS name: it stands for every address it resolves to, each a
@@ -319,8 +333,7 @@ pub struct Lease {
     pool: Arc<WorkerPool>,
     worker: u64,
     address: String,
-    channel: Channel,
-    upstream: Arc<Upstream>,
+    link: Arc<Link>,
 }
 
 impl Lease {
@@ -331,12 +344,12 @@ impl Lease {
 
     /// A gRPC channel to the worker (shared, connects lazily, reconnects after failures).
     pub fn channel(&self) -> Channel {
-        self.channel.clone()
+        self.link.channel.clone()
     }
 
     /// The worker's connection for `Prove` calls.
     pub fn upstream(&self) -> &Upstream {
-        &self.upstream
+        &self.link.upstream
     }
 }
 
@@ -443,8 +456,7 @@ impl WorkerPool {
         origin: Origin,
     ) -> Result<bool, AddError> {
         let settings = self.channel_settings();
-        let channel = connect_lazy(address, name, &settings);
-        let upstream = Arc::new(Upstream::new(address, name, &settings));
+        let link = Arc::new(Link::new(address, name, &settings));
         let mut state = self.lock();
         if let Some(present) =
             state.workers.iter_mut().find(|w| w.address == *address && !w.removed)
@@ -466,8 +478,7 @@ impl WorkerPool {
             id,
             address: address.clone(),
             name: name.cloned(),
-            channel,
-            upstream,
+            link,
             made_with: settings,
             renewed: 0,
             version: String::new(),
@@ -599,8 +610,7 @@ impl WorkerPool {
             pool: Arc::clone(self),
             worker: grant.worker,
             address: grant.address,
-            channel: grant.channel,
-            upstream: grant.upstream,
+            link: grant.link,
         }
     }
 
@@ -670,7 +680,7 @@ impl WorkerPool {
                     Health::Unhealthy { failed_attempts, .. } => failed_attempts,
                     _ => 0,
                 };
-                (w.address.to_string(), w.channel.clone(), failed)
+                (w.address.to_string(), w.link.channel.clone(), failed)
             })
             .collect()
     }
@@ -794,20 +804,16 @@ fn connect_lazy(
         .connect_lazy()
 }
 
-/// Gives an idle worker whose channel was made with other settings one made with `settings`;
-/// the old one closes once its last clone (a health check under way) is gone.
+/// Gives an idle worker whose link was made with other settings one made with `settings`; the
+/// old connections close once their last user (a health check under way) is gone.
 fn renew_if_stale(worker: &mut WorkerEntry, settings: &ChannelSettings) {
     if worker.made_with == *settings {
         return;
     }
     // The address was accepted when the worker was added.
-    {
-        let channel = connect_lazy(&worker.address, worker.name.as_ref(), settings);
-        worker.channel = channel;
-        worker.upstream = Arc::new(Upstream::new(&worker.address, worker.name.as_ref(), settings));
-        worker.made_with = settings.clone();
-        worker.renewed += 1;
-    }
+    worker.link = Arc::new(Link::new(&worker.address, worker.name.as_ref(), settings));
+    worker.made_with = settings.clone();
+    worker.renewed += 1;
 }
 
 /// Marks a worker that is being removed; true when it must stay listed, `removed`, until its
