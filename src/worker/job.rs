@@ -324,15 +324,14 @@ impl ProverProcesses {
     /// Starts the spare if there is none. Call it from a task on the runtime's worker threads
     /// only: `PR_SET_PDEATHSIG` fires when the *thread* that started a process ends, and those
     /// threads live as long as the worker (a blocking-pool thread ends after 10 s idle).
-    pub fn prepare(&self) {
+    /// Fails when a spare was wanted and could not start (out of descriptors or processes).
+    pub fn prepare(&self) -> std::io::Result<()> {
         let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let out = self.out.load(Ordering::SeqCst);
         if spare.is_none() && out == 0 && !self.closed.load(Ordering::SeqCst) {
-            match self.spawn() {
-                Ok(spawned) => *spare = Some(spawned),
-                Err(err) => tracing::warn!(error = %err, "cannot start a spare prover process"),
-            }
+            *spare = Some(self.spawn()?);
         }
+        Ok(())
     }
 
     /// The worker is stopping: kills and reaps the spare, and waits (at most `wait`) for the

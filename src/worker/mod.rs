@@ -45,6 +45,9 @@ use crate::wire::{
 /// leave first (started at once, the process took 0.5 ms from a batch's answer on 2 cores).
 const SPARE_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// How often a spare that could not start is tried again.
+const SPARE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The answer to a `Prove` call that is not a proof.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -138,6 +141,8 @@ struct Inner {
     proofs: share::Proofs,
     served: AtomicU64,
     accepting: AtomicBool,
+    /// A task is trying again to start the spare ([`Worker::start_spare`]).
+    spare_retrying: AtomicBool,
     /// What `STATUS=` says now.
     status: std::sync::Mutex<String>,
 }
@@ -161,6 +166,7 @@ impl Worker {
                 proofs: share::Proofs::new(cache, share::Gauges::detached()),
                 served: AtomicU64::new(0),
                 accepting: AtomicBool::new(true),
+                spare_retrying: AtomicBool::new(false),
                 status: std::sync::Mutex::new("idle".to_owned()),
             }),
         })
@@ -197,9 +203,29 @@ impl Worker {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 tokio::time::sleep(SPARE_DELAY).await;
-                worker.inner.processes.prepare();
+                worker.start_spare().await;
             });
         }
+    }
+
+    /// Starts the spare. While it cannot start (out of descriptors or processes), one task
+    /// tries again every [`SPARE_RETRY`], with one warning for the whole shortage, so the first
+    /// request after it still finds a spare waiting.
+    async fn start_spare(&self) {
+        let Err(err) = self.inner.processes.prepare() else { return };
+        if self.inner.spare_retrying.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let every = humantime::format_duration(SPARE_RETRY);
+        warn!(error = %err, "cannot start a spare prover process; trying again every {every}");
+        loop {
+            tokio::time::sleep(SPARE_RETRY).await;
+            if self.inner.processes.prepare().is_ok() {
+                break;
+            }
+        }
+        self.inner.spare_retrying.store(false, Ordering::SeqCst);
+        info!("prover processes start again");
     }
 
     /// The worker's slot if it is free: one proof at a time.

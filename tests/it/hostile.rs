@@ -616,7 +616,7 @@ async fn stream_floods_and_silent_connections_stay_bounded() {
 }
 
 #[tokio::test]
-async fn a_worker_out_of_descriptors_pauses_accepting_warns_once_and_serves_again() {
+async fn a_worker_out_of_descriptors_pauses_accepting_warns_once_and_starts_its_spare_again() {
     // Far fewer descriptors than its connection bounds need: accept() fails with EMFILE.
     let launch = Launch::worker("batch");
     std::fs::write(launch.dir.path().join("worker.toml"), "handshake_timeout = \"30s\"\n")
@@ -625,6 +625,10 @@ async fn a_worker_out_of_descriptors_pauses_accepting_warns_once_and_serves_agai
     let mut worker = launch.start().await;
     let pid = worker.pid;
     worker.wait_for_output("need more descriptors than RLIMIT_NOFILE allows", START_TIMEOUT).await;
+    // A client connected before the shortage, and the spare prover process waiting.
+    let mut early = worker.api().await;
+    let spare = wait_for_children(pid, |children| !children.is_empty()).await;
+    assert!(spare, "no spare prover process started");
 
     // Silent connections until no descriptor is left (about 48), and more waiting in the
     // listener's backlog.
@@ -643,8 +647,18 @@ async fn a_worker_out_of_descriptors_pauses_accepting_warns_once_and_serves_agai
     let warned = logged.lines().filter(|l| l.contains("cannot accept connections")).count();
     assert_eq!(warned, 1, "{logged}");
 
-    // Descriptors back: the next client is served.
+    // A request over the early connection uses up the spare, and no other can start.
+    let err = early.prove(request(ProofType::Batch, NINE_BYTE_BOMB.to_vec())).await;
+    assert_eq!(err.expect_err("refused").code(), Code::InvalidArgument);
+    worker.wait_for_output("cannot start a spare prover process", START_TIMEOUT).await;
+    assert!(wait_for_children(pid, HashSet::is_empty).await, "the used process outlived it");
+
+    // Descriptors back: a spare starts again without waiting for a request, and the next
+    // client is served.
     drop(silent);
+    worker.wait_for_output("prover processes start again", START_TIMEOUT).await;
+    let spare = wait_for_children(pid, |children| !children.is_empty()).await;
+    assert!(spare, "no spare prover process once descriptors were back");
     let err = tokio::time::timeout(START_TIMEOUT, async {
         worker.api().await.prove(request(ProofType::Batch, NINE_BYTE_BOMB.to_vec())).await
     })
@@ -652,6 +666,18 @@ async fn a_worker_out_of_descriptors_pauses_accepting_warns_once_and_serves_agai
     .expect("served once descriptors are free")
     .expect_err("an answer");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+}
+
+/// Whether `pid`'s children come to satisfy `done` within [`START_TIMEOUT`].
+async fn wait_for_children(pid: i32, done: impl Fn(&HashSet<i32>) -> bool) -> bool {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while Instant::now() < deadline {
+        if done(&children(pid)) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }
 
 #[tokio::test]
