@@ -1,11 +1,20 @@
 //! The service manager protocol: `READY=1`, `STATUS=`, `RELOADING=1`, `STOPPING=1` and watchdog
 //! pings. Every call is a no-op when `NOTIFY_SOCKET` is unset, so the daemons run the same way by
-//! hand and under systemd. Send failures are logged, never fatal: a daemon that proves correctly
-//! but cannot reach its supervisor should keep proving.
+//! hand and under systemd. The socket is made once and kept, so a daemon out of descriptors still
+//! reports. Send failures are logged (at most once a minute), never fatal: a daemon that proves
+//! correctly but cannot reach its supervisor should keep proving.
 
+use std::ffi::OsStr;
+use std::fmt::Write as _;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
+
+use crate::telemetry::{LogEvery, more_since};
 
 /// Tells the service manager that start-up (or a reload) is complete, with a one-line status.
 pub fn ready(status: &str) {
@@ -68,8 +77,48 @@ pub fn spawn_watchdog(interval: Duration) {
     });
 }
 
+/// The datagram socket to the service manager, made at the first message and kept: a daemon out
+/// of descriptors still reaches it. (A socket per message, as `sd_notify::notify` makes, fails
+/// with `EMFILE` then, and missed `WATCHDOG=1` pings would have systemd kill a daemon that is
+/// only waiting for descriptors to come back.)
+static SOCKET: Mutex<Option<UnixDatagram>> = Mutex::new(None);
+
+/// Failures to notify, logged at most once a minute.
+static FAILURES: LogEvery = LogEvery::new(Duration::from_secs(60));
+
 fn send(states: &[NotifyState<'_>]) {
-    if let Err(err) = sd_notify::notify(false, states) {
-        tracing::warn!(%err, "cannot notify the service manager");
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let mut message = String::new();
+    for state in states {
+        let _ = writeln!(message, "{state}");
     }
+    let mut socket = SOCKET.lock().unwrap_or_else(PoisonError::into_inner);
+    let sent = match socket.as_ref().map(|socket| socket.send(message.as_bytes())) {
+        Some(Ok(_)) => Ok(()),
+        // None made yet, or the manager's socket was made anew (systemd re-executed): connect
+        // again.
+        _ => connect(&path).and_then(|made| {
+            let sent = made.send(message.as_bytes()).map(drop);
+            *socket = Some(made);
+            sent
+        }),
+    };
+    drop(socket);
+    if let Err(err) = sent {
+        if let Some(unlogged) = FAILURES.occurred() {
+            tracing::warn!(%err, "cannot notify the service manager{}", more_since(unlogged));
+        } else {
+            tracing::debug!(%err, "cannot notify the service manager");
+        }
+    }
+}
+
+/// A datagram socket connected to `NOTIFY_SOCKET`: a path, or `@name` in the abstract namespace.
+fn connect(path: &OsStr) -> std::io::Result<UnixDatagram> {
+    let socket = UnixDatagram::unbound()?;
+    match path.as_bytes().strip_prefix(b"@") {
+        Some(name) => socket.connect_addr(&SocketAddr::from_abstract_name(name)?)?,
+        None => socket.connect(path)?,
+    }
+    Ok(socket)
 }

@@ -647,11 +647,15 @@ async fn a_worker_out_of_descriptors_pauses_accepting_warns_once_and_starts_its_
     let warned = logged.lines().filter(|l| l.contains("cannot accept connections")).count();
     assert_eq!(warned, 1, "{logged}");
 
-    // A request over the early connection uses up the spare, and no other can start.
+    // A request over the early connection uses up the spare, and no other can start; the
+    // service manager still hears that the worker is idle again (its socket was kept).
+    let notified = worker.notify.messages().len();
     let err = early.prove(request(ProofType::Batch, NINE_BYTE_BOMB.to_vec())).await;
     assert_eq!(err.expect_err("refused").code(), Code::InvalidArgument);
     worker.wait_for_output("cannot start a spare prover process", START_TIMEOUT).await;
     assert!(wait_for_children(pid, HashSet::is_empty).await, "the used process outlived it");
+    worker.notify.wait_for_line("STATUS=idle", notified, START_TIMEOUT).await;
+    assert!(!worker.output().contains("cannot notify"), "{}", worker.output());
 
     // Descriptors back: a spare starts again without waiting for a request, and the next
     // client is served.
