@@ -242,8 +242,9 @@ pub struct ClientTls {
     identity: Option<(Certificates, PrivateKey)>,
     fingerprint: [u8; 32],
     /// The `Prove` connections' connector, made at the first `https://` connection (so the
-    /// system's roots are read only when a worker needs them) and shared by every clone.
-    connector: Arc<OnceLock<Result<TlsConnector, String>>>,
+    /// system's roots are read only when a worker needs them) and shared by every clone. A
+    /// failure is not kept: the next connection tries again.
+    connector: Arc<OnceLock<TlsConnector>>,
 }
 
 impl ClientTls {
@@ -292,9 +293,13 @@ impl ClientTls {
 impl ClientTls {
     /// The connector for `https://` worker connections' `Prove` calls: the CA file's
     /// certificates (the system's roots without one), the client certificate if any, and ALPN
-    /// `h2` (a worker speaks gRPC over HTTP/2 only). Made once, at the first call.
+    /// `h2` (a worker speaks gRPC over HTTP/2 only). Made at the first call that succeeds.
     pub fn connector(&self) -> Result<TlsConnector, String> {
-        self.connector.get_or_init(|| self.make_connector()).clone()
+        if let Some(made) = self.connector.get() {
+            return Ok(made.clone());
+        }
+        let made = self.make_connector()?;
+        Ok(self.connector.get_or_init(|| made).clone())
     }
 
     fn make_connector(&self) -> Result<TlsConnector, String> {

@@ -324,14 +324,16 @@ impl ProverProcesses {
     /// Starts the spare if there is none. Call it from a task on the runtime's worker threads
     /// only: `PR_SET_PDEATHSIG` fires when the *thread* that started a process ends, and those
     /// threads live as long as the worker (a blocking-pool thread ends after 10 s idle).
-    /// Fails when a spare was wanted and could not start (out of descriptors or processes).
-    pub fn prepare(&self) -> std::io::Result<()> {
+    /// True when it started one; fails when one was wanted and could not start (out of
+    /// descriptors or processes).
+    pub fn prepare(&self) -> std::io::Result<bool> {
         let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let out = self.out.load(Ordering::SeqCst);
         if spare.is_none() && out == 0 && !self.closed.load(Ordering::SeqCst) {
             *spare = Some(self.spawn()?);
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// The worker is stopping: kills and reaps the spare, and waits (at most `wait`) for the

@@ -209,8 +209,8 @@ impl Worker {
     }
 
     /// Starts the spare. While it cannot start (out of descriptors or processes), one task
-    /// tries again every [`SPARE_RETRY`], with one warning for the whole shortage, so the first
-    /// request after it still finds a spare waiting.
+    /// tries again every [`SPARE_RETRY`] while the worker is idle (a proof keeps its CPU), with
+    /// one warning for the whole shortage, so the first request after it finds a spare waiting.
     async fn start_spare(&self) {
         let Err(err) = self.inner.processes.prepare() else { return };
         if self.inner.spare_retrying.swap(true, Ordering::SeqCst) {
@@ -220,12 +220,20 @@ impl Worker {
         warn!(error = %err, "cannot start a spare prover process; trying again every {every}");
         loop {
             tokio::time::sleep(SPARE_RETRY).await;
-            if self.inner.processes.prepare().is_ok() {
-                break;
+            if self.inner.slot.available_permits() == 0 {
+                continue;
+            }
+            match self.inner.processes.prepare() {
+                Ok(true) => {
+                    info!("prover processes start again");
+                    break;
+                }
+                // Stopping, or a process out proving will come back as the spare.
+                Ok(false) => break,
+                Err(_) => {}
             }
         }
         self.inner.spare_retrying.store(false, Ordering::SeqCst);
-        info!("prover processes start again");
     }
 
     /// The worker's slot if it is free: one proof at a time.
