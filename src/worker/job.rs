@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Buf;
 use nix::sys::signal::{SigSet, Signal};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
@@ -162,8 +163,9 @@ pub fn child_main(kind: ProofKind, memory_limit: u64, parent: u32) -> ExitCode {
         .stack_size(PROVER_STACK_SIZE)
         .spawn(move || {
             let mut warm = Prover::new(kind);
+            let mut out = raw_stdout()?;
             let payload = read_payload()?;
-            prove_to(&mut warm, &payload, &mut std::io::stdout().lock())?;
+            prove_to(&mut warm, &payload, &mut out)?;
             // A batch or block prover keeps nothing between proofs: the worker may hand this
             // process further payloads ([`Limits::proofs_per_process`]), and closes stdin when
             // it will not. A transaction prover's MAST store keeps every account's code: one
@@ -177,7 +179,7 @@ pub fn child_main(kind: ProofKind, memory_limit: u64, parent: u32) -> ExitCode {
                     Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
                     Err(err) => return Err(err),
                 };
-                prove_to(&mut warm, &payload, &mut std::io::stdout().lock())?;
+                prove_to(&mut warm, &payload, &mut out)?;
             }
         });
     match prover.map(std::thread::JoinHandle::join) {
@@ -202,6 +204,13 @@ fn read_payload() -> std::io::Result<Vec<u8>> {
     let mut payload = vec![0u8; len];
     stdin.read_exact(&mut payload)?;
     Ok(payload)
+}
+
+/// Stdout without Rust's line buffering, which would cut a frame at each newline byte into
+/// several writes, each waking the worker: a frame leaves in one write.
+fn raw_stdout() -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsFd;
+    Ok(std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?))
 }
 
 /// Limits set before any input is read.
@@ -239,11 +248,14 @@ fn prove_to(prover: &mut Prover, payload: &[u8], out: &mut impl Write) -> std::i
     }
 }
 
+/// Writes one frame in one write: the worker wakes once for it, not once per part.
 fn write_frame(out: &mut impl Write, frame: Frame, bytes: &[u8]) -> std::io::Result<()> {
     let len = u32::try_from(bytes.len()).map_err(std::io::Error::other)?;
-    out.write_all(&[frame as u8])?;
-    out.write_all(&len.to_le_bytes())?;
-    out.write_all(bytes)?;
+    let mut whole = Vec::with_capacity(5 + bytes.len());
+    whole.push(frame as u8);
+    whole.extend_from_slice(&len.to_le_bytes());
+    whole.extend_from_slice(bytes);
+    out.write_all(&whole)?;
     out.flush()
 }
 
@@ -373,6 +385,8 @@ impl ProverProcesses {
             .kill_on_drop(true)
             .spawn()?;
         let (stdin, stdout, stderr) = pipes(&mut child)?;
+        widen(&stdin);
+        widen(&stdout);
         let last_words = tokio::spawn(tail(stderr));
         Ok(Spawned { child, stdin, stdout, last_words, proofs: 0 })
     }
@@ -457,8 +471,9 @@ impl ProverProcesses {
         let mut decoded = false;
         let answer = async {
             let len = (payload.len() as u64).to_le_bytes();
-            // A write that fails means the process died: its exit status says how.
-            if stdin.write_all(&len).await.is_ok() && stdin.write_all(payload).await.is_ok() {
+            // One vectored write of both, which the widened pipe takes whole: the process wakes
+            // once. A write that fails means the process died: its exit status says how.
+            if stdin.write_all_buf(&mut Buf::chain(len.as_slice(), payload)).await.is_ok() {
                 read_answer(&mut stdout, on_subject, &mut decoded).await
             } else {
                 Ok(None)
@@ -532,6 +547,18 @@ impl Drop for Out<'_> {
 }
 
 /// The prover process's standard streams, taken out of `child`.
+/// A pipe's buffer, widened from 64 KiB so a batch's payload (≈ 170 KB) or a proof passes in one
+/// write and one wake-up of the reader instead of one per 64 KiB. Pages are taken only as bytes
+/// wait in it. A pipe that cannot be widened (the user's pipe pages are used up: see
+/// `fs.pipe-user-pages-soft`) works as it is.
+const PIPE_SIZE: i32 = 1 << 20;
+
+fn widen(pipe: &impl std::os::fd::AsFd) {
+    if let Err(err) = nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE)) {
+        tracing::debug!("cannot widen a prover process's pipe: {err}");
+    }
+}
+
 fn pipes(child: &mut Child) -> std::io::Result<(ChildStdin, ChildStdout, ChildStderr)> {
     match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
         (Some(stdin), Some(stdout), Some(stderr)) => Ok((stdin, stdout, stderr)),
