@@ -45,7 +45,8 @@ pub async fn run(
                 let Ok(_slot) = slots.acquire().await else { return };
                 let result = tokio::time::timeout(timeout, check(channel, kind))
                     .await
-                    .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
+                    .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+                    .map_err(|reason| with_tls_hint(&address, reason));
                 match result {
                     Ok(version) => {
                         if failed > 0 {
@@ -161,6 +162,37 @@ fn describe(status: &tonic::Status) -> String {
     text
 }
 
+/// `reason`, with what to check when it is how an `https://` worker refuses this proxy's client
+/// certificate. With TLS 1.3 the worker checks the client's certificate after the client's side
+/// of the handshake has ended, so the proxy learns of a refusal only as an alert or the
+/// connection closing on its first request, which say nothing of certificates by themselves.
+fn with_tls_hint(address: &str, reason: String) -> String {
+    if !address.starts_with("https://") {
+        return reason;
+    }
+    let text = reason.to_ascii_lowercase();
+    let hint = if text.contains("certificaterequired") {
+        "the worker asks for a client certificate and this proxy sent none: set \
+         tls_client_cert_file and tls_client_key_file"
+    } else if ["badcertificate", "unknownca", "certificateunknown", "accessdenied"]
+        .iter()
+        .any(|alert| text.contains(alert))
+    {
+        "the worker refused this proxy's client certificate: check that the CA in the worker's \
+         tls_client_ca_file signed the proxy's tls_client_cert_file"
+    } else if ["connection closed", "reset by peer", "broken pipe"]
+        .iter()
+        .any(|closed| text.contains(closed))
+    {
+        "the worker closed the connection after the TLS handshake, as a worker that \
+         refuses this proxy's client certificate answers with TLS 1.3: check the proxy's \
+         tls_client_cert_file against the worker's tls_client_ca_file"
+    } else {
+        return reason;
+    };
+    format!("{reason} ({hint})")
+}
+
 fn same_minor(a: &str, b: &str) -> bool {
     let major_minor = |v: &str| v.split('.').take(2).map(str::to_owned).collect::<Vec<_>>();
     major_minor(a) == major_minor(b)
@@ -172,6 +204,26 @@ mod tests {
 
     use super::*;
     use crate::proxy::pool::{ChannelSettings, Origin};
+
+    #[test]
+    fn a_refused_client_certificate_is_named_only_for_tls_workers() {
+        let required = "Unknown: transport error: connection error: received fatal alert: \
+                        CertificateRequired";
+        let hinted = with_tls_hint("https://w:1", required.to_owned());
+        assert!(hinted.starts_with(required), "{hinted}");
+        assert!(hinted.contains("sent none: set tls_client_cert_file"), "{hinted}");
+        let closed = "Cancelled: operation was canceled: connection closed";
+        let hinted = with_tls_hint("https://w:1", closed.to_owned());
+        assert!(hinted.contains("check the proxy's tls_client_cert_file"), "{hinted}");
+        let piped = with_tls_hint("https://w:1", "stream closed because of a broken pipe".into());
+        assert!(piped.contains("check the proxy's tls_client_cert_file"), "{piped}");
+        let unknown_ca = with_tls_hint("https://w:1", "received fatal alert: UnknownCA".into());
+        assert!(unknown_ca.contains("worker's tls_client_ca_file signed"), "{unknown_ca}");
+        // Cleartext workers, and failures that are not a refusal, read as they were.
+        assert_eq!(with_tls_hint("w:1", closed.to_owned()), closed);
+        let refused = "unreachable: tcp connect error: Connection refused (os error 111)";
+        assert_eq!(with_tls_hint("https://w:1", refused.to_owned()), refused);
+    }
 
     /// 40 workers that accept connections and never answer: the first round opens exactly
     /// `MAX_CONCURRENT_CHECKS` connections; the others follow as those checks time out.

@@ -104,15 +104,22 @@ async fn every_hop_speaks_tls_mutual_tls_keeps_other_proxies_out_and_reload_rene
     let mut launch = Launch::proxy_for("transaction", &[]);
     launch.command.arg(&https_worker).env("MPS_TLS_WORKER_CA_FILE", file("ca.pem"));
     let outsider = launch.start_proxy().await;
-    let mut unhealthy = 0;
+    let (mut unhealthy, mut hinted, mut reasons) = (0, 0, std::collections::BTreeSet::new());
     for _ in 0..10 {
         let status = outsider.status_json().await;
         let health = &status["workers"][0]["status"];
         assert_ne!(health, "Healthy", "a proxy without a client certificate got in: {status}");
-        unhealthy += usize::from(health["Unhealthy"]["reason"].is_string());
+        if let Some(reason) = health["Unhealthy"]["reason"].as_str() {
+            unhealthy += 1;
+            // Whether the refusal arrived as an alert or as the connection closing, the reason
+            // says what to check (each shape of it: `proxy::health`'s unit test).
+            hinted += usize::from(reason.contains("tls_client_cert_file"));
+            reasons.insert(reason.to_owned());
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(unhealthy > 0, "the refused worker is reported unhealthy with a reason");
+    assert!(hinted > 0, "no reason says to check the client certificate: {reasons:?}");
     // A client with no certificate is refused directly too; one with the proxy's is served.
     let port = worker.addr.port();
     health_over_tls(port, &dir.join("ca.pem"), None).await.expect_err("no client certificate");
