@@ -546,19 +546,20 @@ impl Drop for Out<'_> {
     }
 }
 
-/// The prover process's standard streams, taken out of `child`.
 /// A pipe's buffer, widened from 64 KiB so a batch's payload (≈ 170 KB) or a proof passes in one
 /// write and one wake-up of the reader instead of one per 64 KiB. Pages are taken only as bytes
 /// wait in it. A pipe that cannot be widened (the user's pipe pages are used up: see
 /// `fs.pipe-user-pages-soft`) works as it is.
 const PIPE_SIZE: i32 = 1 << 20;
 
+/// Widens `pipe` to [`PIPE_SIZE`], or leaves it as it is.
 fn widen(pipe: &impl std::os::fd::AsFd) {
     if let Err(err) = nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE)) {
         tracing::debug!("cannot widen a prover process's pipe: {err}");
     }
 }
 
+/// The prover process's standard streams, taken out of `child`.
 fn pipes(child: &mut Child) -> std::io::Result<(ChildStdin, ChildStdout, ChildStderr)> {
     match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
         (Some(stdin), Some(stdout), Some(stderr)) => Ok((stdin, stdout, stderr)),
