@@ -46,13 +46,18 @@ pub async fn run(
                 let result = tokio::time::timeout(timeout, check(channel, kind))
                     .await
                     .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
-                    .map_err(|reason| with_tls_hint(&address, reason));
+                    .map_err(|reason| with_tls_hint(address.is_tls(), reason));
                 match result {
                     Ok(version) => {
                         if failed > 0 {
                             info!(worker = %address, "worker healthy again");
                         }
-                        pool.set_health(&address, Health::Healthy, Some(version), now + every);
+                        pool.set_health(
+                            address.as_str(),
+                            Health::Healthy,
+                            Some(version),
+                            now + every,
+                        );
                     }
                     Err(reason) => {
                         if failed == 0 {
@@ -60,7 +65,7 @@ pub async fn run(
                         }
                         let backoff = every * 2u32.saturating_pow(failed.min(3));
                         let health = Health::Unhealthy { failed_attempts: failed + 1, reason };
-                        pool.set_health(&address, health, None, now + backoff);
+                        pool.set_health(address.as_str(), health, None, now + backoff);
                     }
                 }
             });
@@ -162,12 +167,12 @@ fn describe(status: &tonic::Status) -> String {
     text
 }
 
-/// `reason`, with what to check when it is how an `https://` worker refuses this proxy's client
-/// certificate. With TLS 1.3 the worker checks the client's certificate after the client's side
+/// `reason`, with what to check when it is how a TLS (`https://`) worker refuses this proxy's
+/// client certificate; `tls` says whether the worker is one. With TLS 1.3 the worker checks the client's certificate after the client's side
 /// of the handshake has ended, so the proxy learns of a refusal only as an alert or the
 /// connection closing on its first request, which say nothing of certificates by themselves.
-fn with_tls_hint(address: &str, reason: String) -> String {
-    if !address.starts_with("https://") {
+fn with_tls_hint(tls: bool, reason: String) -> String {
+    if !tls {
         return reason;
     }
     let text = reason.to_ascii_lowercase();
@@ -209,20 +214,20 @@ mod tests {
     fn a_refused_client_certificate_is_named_only_for_tls_workers() {
         let required = "Unknown: transport error: connection error: received fatal alert: \
                         CertificateRequired";
-        let hinted = with_tls_hint("https://w:1", required.to_owned());
+        let hinted = with_tls_hint(true, required.to_owned());
         assert!(hinted.starts_with(required), "{hinted}");
         assert!(hinted.contains("sent none: set tls_client_cert_file"), "{hinted}");
         let closed = "Cancelled: operation was canceled: connection closed";
-        let hinted = with_tls_hint("https://w:1", closed.to_owned());
+        let hinted = with_tls_hint(true, closed.to_owned());
         assert!(hinted.contains("check the proxy's tls_client_cert_file"), "{hinted}");
-        let piped = with_tls_hint("https://w:1", "stream closed because of a broken pipe".into());
+        let piped = with_tls_hint(true, "stream closed because of a broken pipe".into());
         assert!(piped.contains("check the proxy's tls_client_cert_file"), "{piped}");
-        let unknown_ca = with_tls_hint("https://w:1", "received fatal alert: UnknownCA".into());
+        let unknown_ca = with_tls_hint(true, "received fatal alert: UnknownCA".into());
         assert!(unknown_ca.contains("worker's tls_client_ca_file signed"), "{unknown_ca}");
         // Cleartext workers, and failures that are not a refusal, read as they were.
-        assert_eq!(with_tls_hint("w:1", closed.to_owned()), closed);
+        assert_eq!(with_tls_hint(false, closed.to_owned()), closed);
         let refused = "unreachable: tcp connect error: Connection refused (os error 111)";
-        assert_eq!(with_tls_hint("https://w:1", refused.to_owned()), refused);
+        assert_eq!(with_tls_hint(true, refused.to_owned()), refused);
     }
 
     /// 40 workers that accept connections and never answer: the first round opens exactly

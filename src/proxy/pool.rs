@@ -670,7 +670,7 @@ impl WorkerPool {
     }
 
     /// Workers due for a health check: address, channel, consecutive failures.
-    pub fn due_for_check(&self, now: Instant) -> Vec<(String, Channel, u32)> {
+    pub fn due_for_check(&self, now: Instant) -> Vec<(WorkerAddress, Channel, u32)> {
         self.lock()
             .workers
             .iter()
@@ -680,7 +680,7 @@ impl WorkerPool {
                     Health::Unhealthy { failed_attempts, .. } => failed_attempts,
                     _ => 0,
                 };
-                (w.address.to_string(), w.link.channel.clone(), failed)
+                (w.address.clone(), w.link.channel.clone(), failed)
             })
             .collect()
     }
