@@ -143,8 +143,23 @@ struct Inner {
     accepting: AtomicBool,
     /// A task is trying again to start the spare ([`Worker::start_spare`]).
     spare_retrying: AtomicBool,
-    /// What `STATUS=` says now.
-    status: std::sync::Mutex<String>,
+    /// What `STATUS=` says now, and when it was last sent.
+    status: std::sync::Mutex<StatusLine>,
+}
+
+/// How often `STATUS=` is sent, at most. A batch or block worker turns "proving …" and "idle"
+/// every few milliseconds, and each line is a message for the service manager to read; the
+/// answer's own path should not carry one either.
+const STATUS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The worker's `STATUS=` line: a change after [`STATUS_EVERY`] of quiet is sent at once, one
+/// sooner is sent [`STATUS_EVERY`] after the last, with the latest line by then.
+struct StatusLine {
+    line: String,
+    /// When a line was last sent.
+    sent: Option<Instant>,
+    /// A later send is due and will carry the latest line.
+    pending: bool,
 }
 
 impl Worker {
@@ -167,7 +182,11 @@ impl Worker {
                 served: AtomicU64::new(0),
                 accepting: AtomicBool::new(true),
                 spare_retrying: AtomicBool::new(false),
-                status: std::sync::Mutex::new("idle".to_owned()),
+                status: std::sync::Mutex::new(StatusLine {
+                    line: "idle".to_owned(),
+                    sent: None,
+                    pending: false,
+                }),
             }),
         })
     }
@@ -267,14 +286,36 @@ impl Worker {
 
     /// The one-line state for `STATUS=`: "idle" or "proving transaction for account 0x…".
     pub fn status_line(&self) -> String {
-        self.inner.status.lock().map_or_else(|p| p.into_inner().clone(), |s| s.clone())
+        self.lock_status().line.clone()
     }
 
+    fn lock_status(&self) -> std::sync::MutexGuard<'_, StatusLine> {
+        self.inner.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Makes `line` the status; sends it now or, within [`STATUS_EVERY`] of the last line sent,
+    /// leaves it to a send due then (see [`StatusLine`]).
     fn set_status(&self, line: String) {
-        systemd::status(&line);
-        match self.inner.status.lock() {
-            Ok(mut status) => *status = line,
-            Err(poisoned) => *poisoned.into_inner() = line,
+        let mut status = self.lock_status();
+        status.line = line;
+        if status.pending {
+            return;
+        }
+        let now = Instant::now();
+        let due = status.sent.map(|sent| sent + STATUS_EVERY).filter(|due| *due > now);
+        if let (Some(due), Ok(runtime)) = (due, tokio::runtime::Handle::try_current()) {
+            status.pending = true;
+            let worker = self.clone();
+            runtime.spawn(async move {
+                tokio::time::sleep_until(due.into()).await;
+                let mut status = worker.lock_status();
+                status.pending = false;
+                status.sent = Some(Instant::now());
+                systemd::status(&status.line);
+            });
+        } else {
+            status.sent = Some(now);
+            systemd::status(&status.line);
         }
     }
 

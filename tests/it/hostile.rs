@@ -82,7 +82,7 @@ async fn a_batch_prover_process_proves_until_its_limit_and_never_after_a_bad_req
     let proven = prove_transaction_here(&sample.inputs[0]);
     let batch = sample.chain.propose_transaction_batch([proven]).expect("propose a batch");
     // Every request is proved (no kept proof answers it), by processes that make three proofs.
-    let worker =
+    let mut worker =
         worker_with("batch", "proofs_per_prover_process = 3\nproof_cache_size = 0\n").await;
     let mut api = worker.api().await;
     let payload = batch.to_bytes();
@@ -106,6 +106,24 @@ async fn a_batch_prover_process_proves_until_its_limit_and_never_after_a_bad_req
     assert!(!alive(second), "a process that decoded a malformed payload is not reused");
     prove_batch(&mut api, &payload).await;
     assert_eq!(one_prover_process(&worker, "kept", |_| true).await, third);
+
+    // Twenty batches back to back: each turns the worker "proving" and "idle" again, but the
+    // service manager reads a STATUS= line at most every 100 ms (and one at once after a quiet
+    // spell), not forty; the last it reads says idle.
+    let seen = worker.notify.messages().len();
+    let started = Instant::now();
+    for _ in 0..20 {
+        prove_batch(&mut api, &payload).await;
+    }
+    let elapsed = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = worker.notify.messages()[seen..]
+        .iter()
+        .filter(|message| message.text.contains("STATUS="))
+        .count();
+    let most = 2 + usize::try_from(elapsed.as_millis() / 100).expect("a short burst");
+    assert!((1..=most).contains(&sent), "{sent} STATUS= lines for 20 batches in {elapsed:?}");
+    assert_eq!(worker.notify.wait_for_status("", START_TIMEOUT).await, "idle");
 }
 
 async fn prove_batch(api: &mut ApiClient<Channel>, payload: &[u8]) {
