@@ -7,10 +7,20 @@
 //! cargo build --locked --bins --examples && target/debug/examples/bench_worker [TX_RUNS] [BATCH_RUNS]
 //! ```
 //!
+//! Batches go a third way too: through an IN-PROCESS REFERENCE SERVER, a STAND-IN started by
+//! this benchmark (`bench_worker --serve-in-process`, a process of its own like the worker) that
+//! serves the same `Prove` over tonic with the worker's HTTP/2 settings and proves each request
+//! on its runtime thread with one warm prover: the service as it was before prover processes,
+//! minus its admission layer and bookkeeping. The worker against it is what containment costs;
+//! it against in-process proving is what the gRPC hop costs any worker on this machine.
+//!
 //! `BENCH_PROOFS_PER_PROVER_PROCESS=N` sets the batch worker's `proofs_per_prover_process`;
 //! `BENCH_CPU_LATENCY_US=0` holds the machine's CPU wake-up latency limit for the run
 //! (`harness::machine`).
 
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use harness::requests::{request, tx_request};
@@ -21,9 +31,13 @@ use miden_objects::utils::{Deserializable, Serializable};
 use miden_proving_service::ProofKind;
 use miden_proving_service::proto::ProofType;
 use miden_proving_service::proto::api_client::ApiClient;
+use miden_proving_service::proto::api_server::{Api, ApiServer};
 use miden_proving_service::proto::worker_status_api_client::WorkerStatusApiClient;
+use miden_proving_service::proto::{Proof, ProofRequest};
 use miden_proving_service::prover::Prover;
+use miden_proving_service::wire;
 use miden_tx_batch_prover::LocalBatchProver;
+use tonic::{Request, Response, Status};
 
 /// The pause before each transaction proof, in-process and through the worker.
 const SETTLE: Duration = Duration::from_secs(1);
@@ -38,6 +52,9 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 #[allow(clippy::too_many_lines)]
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some(SERVE_IN_PROCESS) {
+        return serve_in_process().await;
+    }
     let mut args = std::env::args().skip(1);
     let tx_runs: usize = args.next().map_or(Ok(3), |a| a.parse())?;
     let batch_runs: usize = args.next().map_or(Ok(50), |a| a.parse())?;
@@ -104,12 +121,19 @@ async fn main() -> anyhow::Result<()> {
     }
     let batch = sample.chain.propose_transaction_batch(proven)?;
     let payload = batch.to_bytes();
-    let (batch_local, batch_remote) =
-        batch_medians(&payload, &mut batch_api, batch_runs, Duration::ZERO).await?;
-    // The same, 50 ms apart: what one batch sees when the worker's spare prover process has had
-    // time to start (back to back, each request waits for a process that starts when it comes).
-    let (spaced_local, spaced_remote) =
-        batch_medians(&payload, &mut batch_api, batch_runs, Duration::from_millis(50)).await?;
+    let mut reference = Reference::start().await?;
+    let back_to_back =
+        batch_medians(&payload, &mut batch_api, &mut reference.api, batch_runs, Duration::ZERO)
+            .await?;
+    // The same, 50 ms apart: what one batch sees after the machine's threads have gone idle.
+    let spaced = batch_medians(
+        &payload,
+        &mut batch_api,
+        &mut reference.api,
+        batch_runs,
+        Duration::from_millis(50),
+    )
+    .await?;
     // Context for the batch figure: what decoding and encoding alone cost, and a bare gRPC call.
     let mut codec = Vec::new();
     for _ in 0..batch_runs {
@@ -156,29 +180,60 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|");
     for (name, runs, local, remote) in [
         ("transaction", tx_runs, tx_local, tx_remote),
-        ("batch (2 txs), back to back", batch_runs, batch_local, batch_remote),
-        ("batch (2 txs), 50 ms apart", batch_runs, spaced_local, spaced_remote),
+        ("batch (2 txs), back to back", batch_runs, back_to_back.local, back_to_back.worker),
+        ("batch (2 txs), 50 ms apart", batch_runs, spaced.local, spaced.worker),
     ] {
         println!(
             "| {name} | {runs} | {:.3} ms | {:.3} ms | {:.4} | {:.3} ms |",
-            local.as_secs_f64() * 1e3,
-            remote.as_secs_f64() * 1e3,
+            ms(local),
+            ms(remote),
             remote.as_secs_f64() / local.as_secs_f64(),
-            (remote.as_secs_f64() - local.as_secs_f64()) * 1e3,
+            ms(remote) - ms(local),
         );
     }
+    println!();
+    println!(
+        "| batch (2 txs) | in-process | in-process reference server (stand-in) | worker | \
+         added by the gRPC hop (reference − in-process) | added by containment (worker − \
+         reference) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (name, sides) in [("back to back", back_to_back), ("50 ms apart", spaced)] {
+        println!(
+            "| {name} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms |",
+            ms(sides.local),
+            ms(sides.reference),
+            ms(sides.worker),
+            ms(sides.reference) - ms(sides.local),
+            ms(sides.worker) - ms(sides.reference),
+        );
+    }
+    reference.child.kill()?;
     Ok(())
 }
 
-/// Proves the batch `payload` in-process and through the worker in turn, `runs` times each with `gap`
-/// before every proof; the two medians.
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
+/// The medians of one batch series, one per side.
+#[derive(Clone, Copy)]
+struct Sides {
+    local: Duration,
+    reference: Duration,
+    worker: Duration,
+}
+
+/// Proves the batch `payload` in-process, through the reference server and through the worker in
+/// turn, `runs` times each with `gap` before every proof; the medians.
 async fn batch_medians(
     payload: &[u8],
     api: &mut ApiClient<tonic::transport::Channel>,
+    reference_api: &mut ApiClient<tonic::transport::Channel>,
     runs: usize,
     gap: Duration,
-) -> anyhow::Result<(Duration, Duration)> {
-    let (mut local, mut remote) = (Vec::new(), Vec::new());
+) -> anyhow::Result<Sides> {
+    let (mut local, mut reference, mut remote) = (Vec::new(), Vec::new(), Vec::new());
     // In-process proving as a worker without prover processes would do it: one warm prover
     // decodes each request's payload, proves it and encodes the proof.
     let mut prover = Prover::new(ProofKind::Batch);
@@ -189,10 +244,83 @@ async fn batch_medians(
         std::hint::black_box(prover.prove(job)?);
         local.push(started.elapsed());
         tokio::time::sleep(gap).await;
+        let started = Instant::now();
+        reference_api.prove(request(ProofType::Batch, payload.to_vec())).await?;
+        reference.push(started.elapsed());
+        tokio::time::sleep(gap).await;
         let request = request(ProofType::Batch, payload.to_vec());
         let started = Instant::now();
         api.prove(request).await?;
         remote.push(started.elapsed());
     }
-    Ok((median(local), median(remote)))
+    Ok(Sides { local: median(local), reference: median(reference), worker: median(remote) })
+}
+
+/// The argument that makes this binary the in-process reference server.
+const SERVE_IN_PROCESS: &str = "--serve-in-process";
+
+/// The in-process reference server (a STAND-IN), run by this benchmark as a child process.
+struct Reference {
+    child: std::process::Child,
+    api: ApiClient<tonic::transport::Channel>,
+}
+
+impl Reference {
+    /// Starts `bench_worker --serve-in-process` and connects to the port it prints.
+    async fn start() -> anyhow::Result<Reference> {
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .arg(SERVE_IN_PROCESS)
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let addr: SocketAddr = line.trim().parse()?;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        let api = ApiClient::new(channel).max_decoding_message_size(wire::MAX_MESSAGE_SIZE);
+        Ok(Reference { child, api })
+    }
+}
+
+/// The reference server's one service: proves batches on the runtime thread that decoded the
+/// request, with one warm prover.
+struct InProcess {
+    prover: Mutex<Prover>,
+}
+
+#[tonic::async_trait]
+impl Api for InProcess {
+    async fn prove(&self, request: Request<ProofRequest>) -> Result<Response<Proof>, Status> {
+        let mut prover = self.prover.lock().expect("one request at a time");
+        let job = prover
+            .decode(&request.get_ref().payload)
+            .map_err(|err| Status::invalid_argument(err.to_string()))?;
+        let payload = prover.prove(job).map_err(|err| Status::internal(err.to_string()))?;
+        Ok(Response::new(Proof { payload }))
+    }
+}
+
+/// `bench_worker --serve-in-process`: serves [`InProcess`] on a loopback port, which it prints,
+/// with the worker's HTTP/2 settings, until killed.
+async fn serve_in_process() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("{}", listener.local_addr()?);
+    let service = InProcess { prover: Mutex::new(Prover::new(ProofKind::Batch)) };
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(wire::WORKER_STREAM_WINDOW))
+        .initial_connection_window_size(Some(wire::WORKER_CONNECTION_WINDOW))
+        .max_frame_size(Some(wire::MAX_FRAME_SIZE))
+        .add_service(
+            ApiServer::new(service)
+                .max_decoding_message_size(wire::MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(wire::MAX_MESSAGE_SIZE),
+        )
+        .serve_with_incoming(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        )
+        .await?;
+    Ok(())
 }
