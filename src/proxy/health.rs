@@ -168,9 +168,10 @@ fn describe(status: &tonic::Status) -> String {
 }
 
 /// `reason`, with what to check when it is how a TLS (`https://`) worker refuses this proxy's
-/// client certificate; `tls` says whether the worker is one. With TLS 1.3 the worker checks the client's certificate after the client's side
-/// of the handshake has ended, so the proxy learns of a refusal only as an alert or the
-/// connection closing on its first request, which say nothing of certificates by themselves.
+/// client certificate; `tls` says whether the worker is one. With TLS 1.3 the worker checks the
+/// client's certificate after the client's side of the handshake has ended, so the proxy learns
+/// of a refusal only as an alert or the connection closing on its first request, which say
+/// nothing of certificates by themselves.
 fn with_tls_hint(tls: bool, reason: String) -> String {
     if !tls {
         return reason;
