@@ -276,12 +276,16 @@ struct Spawned {
 
 impl Spawned {
     /// Its resident memory in bytes, from `/proc`; `None` when it cannot be read (it is gone).
+    /// Read on the answer's path: `statm` (a line of numbers, in pages) is one `read`, where
+    /// `status` is a page of text that `read_to_string` takes in eight growing reads.
     fn resident(&self) -> Option<u64> {
         let pid = self.child.id()?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let line = status.lines().find_map(|line| line.strip_prefix("VmRSS:"))?;
-        let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
-        Some(kib << 10)
+        let mut statm = std::fs::File::open(format!("/proc/{pid}/statm")).ok()?;
+        let mut line = [0u8; 128];
+        let len = statm.read(&mut line).ok()?;
+        let pages: u64 = std::str::from_utf8(&line[..len]).ok()?.split(' ').nth(1)?.parse().ok()?;
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
+        Some(pages * u64::try_from(page).ok()?)
     }
 }
 
@@ -346,6 +350,11 @@ impl ProverProcesses {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Whether a spare waits (alive or not: [`ProverProcesses::take`] replaces a dead one).
+    pub fn has_spare(&self) -> bool {
+        self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some()
     }
 
     /// The worker is stopping: kills and reaps the spare, and waits (at most `wait`) for the
@@ -716,4 +725,33 @@ fn classify_death(
         (None, None) => "ended without an answer".to_owned(),
     };
     JobError::Died { how, detail }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn resident_memory_is_what_proc_says() {
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start sleep");
+        let (stdin, stdout, stderr) = pipes(&mut child).expect("its pipes");
+        let last_words = tokio::spawn(tail(stderr));
+        let mut spawned = Spawned { child, stdin, stdout, last_words, proofs: 0 };
+        let pid = spawned.child.id().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
+        let line = status.lines().find_map(|line| line.strip_prefix("VmRSS:")).expect("VmRSS");
+        let kib: u64 = line.trim().trim_end_matches("kB").trim().parse().expect("a number");
+        assert!(kib > 0, "{status}");
+        assert_eq!(spawned.resident(), Some(kib << 10), "statm against status' VmRSS");
+
+        spawned.child.kill().await.expect("kill");
+        assert_eq!(spawned.resident(), None, "a reaped process has no memory to read");
+    }
 }

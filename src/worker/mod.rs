@@ -143,7 +143,7 @@ struct Inner {
     accepting: AtomicBool,
     /// A task is trying again to start the spare ([`Worker::start_spare`]).
     spare_retrying: AtomicBool,
-    /// What `STATUS=` says now, and when it was last sent.
+    /// What `STATUS=` says now, and whether a later send may follow.
     status: std::sync::Mutex<StatusLine>,
 }
 
@@ -153,13 +153,15 @@ struct Inner {
 const STATUS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The worker's `STATUS=` line: a change after [`STATUS_EVERY`] of quiet is sent at once, one
-/// sooner is sent [`STATUS_EVERY`] after the last, with the latest line by then.
+/// sooner is sent [`STATUS_EVERY`] after the last, with the latest line by then. The task that
+/// sends those later lines is started with the line sent at once, so a change that follows soon
+/// (the "idle" on an answer's path, a few milliseconds after "proving …") only records itself.
 struct StatusLine {
     line: String,
-    /// When a line was last sent.
-    sent: Option<Instant>,
-    /// A later send is due and will carry the latest line.
-    pending: bool,
+    /// A task will look again [`STATUS_EVERY`] after the last line sent.
+    watched: bool,
+    /// The line changed since it was last sent.
+    changed: bool,
 }
 
 impl Worker {
@@ -184,8 +186,8 @@ impl Worker {
                 spare_retrying: AtomicBool::new(false),
                 status: std::sync::Mutex::new(StatusLine {
                     line: "idle".to_owned(),
-                    sent: None,
-                    pending: false,
+                    watched: false,
+                    changed: false,
                 }),
             }),
         })
@@ -216,8 +218,13 @@ impl Worker {
     /// request does not wait for one. It is called when the slot frees, not while a proof runs:
     /// a starting process (exec, then Miden's kernel and library decoded: about 8.5 ms of CPU)
     /// takes CPU from the proof, and from the answer on its way out, on a small machine. A request
-    /// that comes before the spare does starts a process of its own.
+    /// that comes before the spare does starts a process of its own. After a batch or block
+    /// proof the process that made it is usually kept as the spare: then there is nothing to
+    /// start, and no task is spawned on the answer's path.
     fn prepare(&self) {
+        if self.inner.processes.has_spare() {
+            return;
+        }
         let worker = self.clone();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
@@ -294,29 +301,29 @@ impl Worker {
     }
 
     /// Makes `line` the status; sends it now or, within [`STATUS_EVERY`] of the last line sent,
-    /// leaves it to a send due then (see [`StatusLine`]).
+    /// leaves it to the task that sends the latest line then (see [`StatusLine`]).
     fn set_status(&self, line: String) {
         let mut status = self.lock_status();
         status.line = line;
-        if status.pending {
+        if status.watched {
+            status.changed = true;
             return;
         }
-        let now = Instant::now();
-        let due = status.sent.map(|sent| sent + STATUS_EVERY).filter(|due| *due > now);
-        if let (Some(due), Ok(runtime)) = (due, tokio::runtime::Handle::try_current()) {
-            status.pending = true;
-            let worker = self.clone();
-            runtime.spawn(async move {
-                tokio::time::sleep_until(due.into()).await;
+        systemd::status(&status.line);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        status.watched = true;
+        let worker = self.clone();
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(STATUS_EVERY).await;
                 let mut status = worker.lock_status();
-                status.pending = false;
-                status.sent = Some(Instant::now());
+                if !std::mem::take(&mut status.changed) {
+                    status.watched = false;
+                    return;
+                }
                 systemd::status(&status.line);
-            });
-        } else {
-            status.sent = Some(now);
-            systemd::status(&status.line);
-        }
+            }
+        });
     }
 
     /// Refuses a request of a proof type this worker does not serve, and any request once it is
