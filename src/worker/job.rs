@@ -745,11 +745,36 @@ mod tests {
         let last_words = tokio::spawn(tail(stderr));
         let mut spawned = Spawned { child, stdin, stdout, last_words, proofs: 0 };
         let pid = spawned.child.id().expect("running");
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
-        let line = status.lines().find_map(|line| line.strip_prefix("VmRSS:")).expect("VmRSS");
-        let kib: u64 = line.trim().trim_end_matches("kB").trim().parse().expect("a number");
-        assert!(kib > 0, "{status}");
-        assert_eq!(spawned.resident(), Some(kib << 10), "statm against status' VmRSS");
+        // `status` as text: the process's name and state, and VmRSS in bytes.
+        let status = || {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+            let field = |name: &str| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix(name))
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            };
+            let kib = field("VmRSS:").trim_end_matches("kB").trim().parse::<u64>().ok();
+            (field("Name:"), field("State:"), kib.map(|kib| kib << 10))
+        };
+        // Until `sleep` sleeps, it may still be in `exec` or loading its libraries, and its
+        // memory moves between two reads: compare once it sleeps, with VmRSS the same on both
+        // sides of the read of `statm`.
+        let started = std::time::Instant::now();
+        loop {
+            let (name, state, before) = status();
+            if name == "sleep" && state.starts_with('S') && before.is_some() {
+                let resident = spawned.resident();
+                if status().2 == before {
+                    assert_eq!(resident, before, "statm against status' VmRSS");
+                    assert!(resident.is_some_and(|bytes| bytes > 0));
+                    break;
+                }
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "{name} {state} {before:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
 
         spawned.child.kill().await.expect("kill");
         assert_eq!(spawned.resident(), None, "a reaped process has no memory to read");
