@@ -388,6 +388,7 @@ impl ProverProcesses {
             // large machine that alone would approach prover_memory_limit (RLIMIT_AS). Four
             // arenas serve the prover's threads as fast (BENCHMARKS.md).
             .env("MALLOC_ARENA_MAX", "4")
+            .envs(self.malloc_tunables())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -398,6 +399,23 @@ impl ProverProcesses {
         widen(&stdout);
         let last_words = tokio::spawn(tail(stderr));
         Ok(Spawned { child, stdin, stdout, last_words, proofs: 0 })
+    }
+
+    /// glibc settings for a transaction prover process, unless the operator set their own.
+    /// glibc maps every block over its mmap threshold on its own and unmaps it on free; the
+    /// threshold starts at 128 KiB and rises to a freed block's size, up to 32 MiB, only once
+    /// such a block is freed. A process that has proved before has it at 32 MiB, and keeps its
+    /// freed heap up to twice that: a fresh one starts the proof mapping, faulting in and
+    /// unmapping every mid-sized block. Fixed where a warm process has them, a transaction's
+    /// proof in a new process takes the faults of a second proof in a warm one (BENCHMARKS.md).
+    /// Batch and block processes prove request after request, warm from the second on, and
+    /// gained nothing from keeping their memory.
+    fn malloc_tunables(&self) -> Option<(&'static str, &'static str)> {
+        (self.kind == ProofKind::Transaction && std::env::var_os("GLIBC_TUNABLES").is_none())
+            .then_some((
+                "GLIBC_TUNABLES",
+                "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=67108864",
+            ))
     }
 
     /// Keeps `spawned`, whose last proof went well, as the spare for the next request when it

@@ -286,6 +286,45 @@ async fn flags_beat_environment_beat_file() {
 }
 
 #[tokio::test]
+async fn a_transaction_prover_process_starts_with_the_malloc_settings_of_a_warm_one() {
+    const WARM: &str = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=67108864";
+    const WARM_FIRST: &str = "glibc.malloc.mmap_threshold=33554432";
+    // The spare a worker starts at once, and the GLIBC_TUNABLES it was given.
+    async fn spare_tunables(launch: Launch) -> Option<String> {
+        let worker = launch.start().await;
+        let deadline = Instant::now() + START_TIMEOUT;
+        // Until its `exec`, a child has the worker's environment.
+        let exec_done = |pid: &i32| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| cmdline.split(|b| *b == 0).any(|arg| arg == b"prove-job"))
+        };
+        let spare = loop {
+            if let Some(pid) = children(worker.pid).into_iter().find(exec_done) {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "no spare prover process");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let environ = std::fs::read(format!("/proc/{spare}/environ")).expect("its environment");
+        environ.split(|b| *b == 0).find_map(|var| {
+            let var = std::str::from_utf8(var).ok()?;
+            var.strip_prefix("GLIBC_TUNABLES=").map(str::to_owned)
+        })
+    }
+    // glibc 2.36 parses the variable in place and ends it after the first setting's value
+    // (`/proc` shows that memory), though it applies them all: either form is what was set.
+    let tunables = spare_tunables(Launch::worker("transaction")).await.expect("GLIBC_TUNABLES");
+    assert!(WARM.starts_with(&tunables) && tunables.starts_with(WARM_FIRST), "{tunables}");
+    // A batch process proves request after request: warm from its second.
+    assert_eq!(spare_tunables(Launch::worker("batch")).await, None);
+    // What the operator set is theirs.
+    let mut launch = Launch::worker("transaction");
+    launch.command.env("GLIBC_TUNABLES", "glibc.malloc.arena_max=2");
+    let tunables = spare_tunables(launch).await;
+    assert_eq!(tunables.as_deref(), Some("glibc.malloc.arena_max=2"));
+}
+
+#[tokio::test]
 async fn logs_reach_journald_with_priority_and_span_fields() {
     let journal = tempfile::NamedTempFile::new().expect("journal output file");
     let mut launch = Launch::worker("transaction");

@@ -277,6 +277,7 @@ pub fn clean_env(command: &mut Command) {
     for (key, _) in std::env::vars() {
         if key.starts_with("MPS_")
             || key == "RUST_LOG"
+            || key == "GLIBC_TUNABLES"
             || key == "JOURNAL_STREAM"
             || key.starts_with("OTEL_")
             || key == "NOTIFY_SOCKET"
