@@ -293,6 +293,8 @@ impl Spawned {
 pub struct ProverProcesses {
     exe: PathBuf,
     kind: ProofKind,
+    /// The allocator's settings for each process (see [`malloc_env`]), decided once.
+    malloc_env: Vec<(&'static str, &'static str)>,
     limits: Mutex<Limits>,
     spare: Mutex<Option<Spawned>>,
     /// Batch or block processes out proving, which may come back as the spare: while one is out,
@@ -315,6 +317,7 @@ impl ProverProcesses {
         Ok(ProverProcesses {
             exe,
             kind,
+            malloc_env: malloc_env(kind, std::env::var_os("GLIBC_TUNABLES").is_some()),
             limits: Mutex::new(limits),
             spare: Mutex::new(None),
             out: AtomicUsize::new(0),
@@ -384,11 +387,7 @@ impl ProverProcesses {
             .env_remove("WATCHDOG_PID")
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
-            // glibc reserves 64 MiB of address space per malloc arena, up to 8 per core: on a
-            // large machine that alone would approach prover_memory_limit (RLIMIT_AS). Four
-            // arenas serve the prover's threads as fast (BENCHMARKS.md).
-            .env("MALLOC_ARENA_MAX", "4")
-            .envs(self.malloc_tunables())
+            .envs(self.malloc_env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -399,23 +398,6 @@ impl ProverProcesses {
         widen(&stdout);
         let last_words = tokio::spawn(tail(stderr));
         Ok(Spawned { child, stdin, stdout, last_words, proofs: 0 })
-    }
-
-    /// glibc settings for a transaction prover process, unless the operator set their own.
-    /// glibc maps every block over its mmap threshold on its own and unmaps it on free; the
-    /// threshold starts at 128 KiB and rises to a freed block's size, up to 32 MiB, only once
-    /// such a block is freed. A process that has proved before has it at 32 MiB, and keeps its
-    /// freed heap up to twice that: a fresh one starts the proof mapping, faulting in and
-    /// unmapping every mid-sized block. Fixed where a warm process has them, a transaction's
-    /// proof in a new process takes the faults of a second proof in a warm one (BENCHMARKS.md).
-    /// Batch and block processes prove request after request, warm from the second on, and
-    /// gained nothing from keeping their memory.
-    fn malloc_tunables(&self) -> Option<(&'static str, &'static str)> {
-        (self.kind == ProofKind::Transaction && std::env::var_os("GLIBC_TUNABLES").is_none())
-            .then_some((
-                "GLIBC_TUNABLES",
-                "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=67108864",
-            ))
     }
 
     /// Keeps `spawned`, whose last proof went well, as the spare for the next request when it
@@ -549,6 +531,30 @@ impl ProverProcesses {
         drop(reaper);
         answer
     }
+}
+
+/// The environment that sets up glibc's allocator in a prover process of `kind`; `tunables_set`:
+/// the worker's own environment has `GLIBC_TUNABLES`, which then reaches the process untouched.
+/// - `MALLOC_ARENA_MAX=4`: glibc reserves 64 MiB of address space per malloc arena, up to 8 per
+///   core; on a large machine that alone would approach `prover_memory_limit` (`RLIMIT_AS`). Four
+///   arenas serve the prover's threads as fast (BENCHMARKS.md).
+/// - For a transaction, the mmap and trim thresholds of a process that has proved before. glibc
+///   maps every block over its mmap threshold on its own and unmaps it on free; the threshold
+///   starts at 128 KiB and rises to a freed block's size, up to 32 MiB, only once such a block
+///   is freed, and the freed heap it keeps follows at twice that. A new process would start the
+///   proof mapping, faulting in and unmapping every mid-sized block: with them set, its proof
+///   takes the faults of a second proof in a warm one (BENCHMARKS.md). Batch and block
+///   processes prove request after request, warm from the second on, and gained nothing from
+///   keeping their memory.
+fn malloc_env(kind: ProofKind, tunables_set: bool) -> Vec<(&'static str, &'static str)> {
+    let mut env = vec![("MALLOC_ARENA_MAX", "4")];
+    if kind == ProofKind::Transaction && !tunables_set {
+        env.push((
+            "GLIBC_TUNABLES",
+            "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=67108864",
+        ));
+    }
+    env
 }
 
 /// A batch or block process out proving that may come back, counted while this lives (see
