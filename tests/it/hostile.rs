@@ -17,7 +17,7 @@ use tonic::transport::Channel;
 
 use crate::support::fixtures::{prove_transaction_here, sample_transactions};
 use crate::support::requests::request;
-use crate::support::{Daemon, Launch, START_TIMEOUT, alive, children, hostile};
+use crate::support::{Daemon, Launch, START_TIMEOUT, Seen, alive, children, hostile};
 
 /// Generous bound for one real transaction proof on a loaded 2-core machine.
 const PROOF_TIMEOUT: Duration = Duration::from_secs(300);
@@ -88,6 +88,8 @@ async fn a_batch_prover_process_proves_until_its_limit_and_never_after_a_bad_req
     let payload = batch.to_bytes();
 
     let first = one_prover_process(&worker, "the spare at start", |_| true).await;
+    let first_seen = Seen::now(first);
+    assert!(first_seen.alive(), "the spare {first} is seen running");
     for proofs in 1..=2 {
         prove_batch(&mut api, &payload).await;
         let kept = one_prover_process(&worker, "kept after a proof", |_| true).await;
@@ -96,14 +98,15 @@ async fn a_batch_prover_process_proves_until_its_limit_and_never_after_a_bad_req
     prove_batch(&mut api, &payload).await;
     let second =
         one_prover_process(&worker, "a new spare after three proofs", |pid| pid != first).await;
-    assert!(!alive(first), "a process that made proofs_per_prover_process proofs is gone");
+    let second_seen = Seen::now(second);
+    assert!(!first_seen.alive(), "a process that made proofs_per_prover_process proofs is gone");
 
     // A malformed payload ends the process that decoded it, though it made no proof before.
     let err = api.prove(request(ProofType::Batch, NINE_BYTE_BOMB.to_vec())).await;
     assert_eq!(err.expect_err("a bomb").code(), Code::InvalidArgument);
     let third =
         one_prover_process(&worker, "a new spare after a bad request", |pid| pid != second).await;
-    assert!(!alive(second), "a process that decoded a malformed payload is not reused");
+    assert!(!second_seen.alive(), "a process that decoded a malformed payload is not reused");
     prove_batch(&mut api, &payload).await;
     assert_eq!(one_prover_process(&worker, "kept", |_| true).await, third);
 
@@ -285,11 +288,11 @@ async fn a_recursing_and_a_runaway_transaction_hit_limits_and_the_worker_goes_on
         tokio::spawn(async move { api.prove(request(ProofType::Transaction, looping)).await })
     };
     worker.notify.wait_for_status("proving transaction", PROOF_TIMEOUT).await;
-    let prover = busiest_child(worker.pid);
+    let prover = Seen::now(busiest_child(worker.pid));
     let err = proving.await.expect("join").expect_err("time limit");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("longer than max_proof_time (3s)"), "{}", err.message());
-    assert!(!alive(prover), "the prover process {prover} was killed");
+    assert!(!prover.alive(), "the prover process {} was killed", prover.pid);
     // max_proof_time changes live: a reload lets the next valid request take its 5–10 s.
     let config = worker.dir().join("worker.toml");
     std::fs::write(&config, "max_proof_time = \"300s\"\n").expect("edit worker.toml");
@@ -410,7 +413,7 @@ async fn a_cancelled_proof_frees_the_worker_at_once() {
         tokio::spawn(async move { api.prove(req).await })
     };
     worker.notify.wait_for_status("proving transaction", PROOF_TIMEOUT).await;
-    let prover = busiest_child(worker.pid);
+    let prover = Seen::now(busiest_child(worker.pid));
     assert!(worker.worker_status().await.busy);
 
     proving.abort();
@@ -425,7 +428,7 @@ async fn a_cancelled_proof_frees_the_worker_at_once() {
     let idle_after = cancelled.elapsed();
     eprintln!("idle {idle_after:?} after the cancel");
     assert!(idle_after < Duration::from_millis(100), "idle only after {idle_after:?}");
-    assert!(!alive(prover), "the prover process {prover} is gone once the worker is idle");
+    assert!(!prover.alive(), "the prover process {} is gone once the worker is idle", prover.pid);
 
     let proof = worker
         .api()
@@ -450,11 +453,11 @@ async fn a_cancelled_proof_frees_the_worker_at_once() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // The prover process (and maybe the last proof's, still being reaped).
-    let orphans = children(worker.pid);
+    let orphans: Vec<Seen> = children(worker.pid).into_iter().map(Seen::now).collect();
     assert!(!orphans.is_empty(), "no prover process while proving");
     worker.signal(nix::sys::signal::Signal::SIGKILL);
     let killed = Instant::now();
-    while orphans.iter().any(|pid| alive(*pid)) {
+    while orphans.iter().any(Seen::alive) {
         assert!(killed.elapsed() < Duration::from_secs(5), "prover processes outlived the worker");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -14,7 +14,7 @@ use tonic::transport::Channel;
 
 use crate::support::fixtures::sample_transactions;
 use crate::support::requests::{request, tx_request, verify_tx};
-use crate::support::{Launch, START_TIMEOUT, children, parent};
+use crate::support::{Launch, START_TIMEOUT, Seen, children};
 
 /// Generous bound for one real transaction proof on a loaded 2-core machine.
 const PROOF_TIMEOUT: Duration = Duration::from_secs(300);
@@ -188,7 +188,7 @@ async fn sigterm_lets_the_proof_in_flight_reach_its_client() {
         tokio::spawn(async move { api.prove(req).await })
     };
     worker.notify.wait_for_status("proving", PROOF_TIMEOUT).await;
-    let provers = children(worker.pid);
+    let provers: Vec<Seen> = children(worker.pid).into_iter().map(Seen::now).collect();
     assert!(!provers.is_empty(), "no prover process while proving");
     worker.signal(Signal::SIGTERM);
     worker.notify.wait_for_line("STOPPING=1", 0, START_TIMEOUT).await;
@@ -201,7 +201,8 @@ async fn sigterm_lets_the_proof_in_flight_reach_its_client() {
     assert_eq!(status.code(), Some(0), "{}", worker.output());
     // The prover process that proved was killed and reaped before the worker exited.
     let me = i32::try_from(std::process::id()).expect("a pid");
-    let adopted: Vec<i32> = provers.into_iter().filter(|pid| parent(*pid) == Some(me)).collect();
+    let adopted: Vec<i32> =
+        provers.iter().filter(|seen| seen.parent() == Some(me)).map(|seen| seen.pid).collect();
     nix::sys::prctl::set_child_subreaper(false).expect("stop being a subreaper");
     for pid in &adopted {
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(*pid), None);

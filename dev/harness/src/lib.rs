@@ -28,4 +28,4 @@ pub mod standin;
 pub use daemon::{Daemon, Launch, Proxy, START_TIMEOUT, bin, clean_env, example, minedctl};
 pub use http::http_get;
 pub use notify::{NotifyMessage, NotifySocket};
-pub use procfs::{alive, children, listening_addrs, parent};
+pub use procfs::{Seen, alive, children, listening_addrs, parent};

@@ -56,6 +56,44 @@ pub fn parent(pid: i32) -> Option<i32> {
     stat_after_name(pid)?.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// A process as seen at one moment: its pid and the time it started. A test that asks later
+/// whether the process is gone must not take for it a new process the kernel gave the same pid
+/// since (pids wrap at `pid_max`, 32,768 on these machines, and threads take them too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Seen {
+    /// The pid it had.
+    pub pid: i32,
+    /// Its start time (clock ticks after boot); `None` when it was already gone.
+    started: Option<u64>,
+}
+
+impl Seen {
+    /// Process `pid` as it is now.
+    pub fn now(pid: i32) -> Seen {
+        Seen { pid, started: start_time(pid) }
+    }
+
+    /// The same process is still there, running or a zombie.
+    pub fn exists(&self) -> bool {
+        self.started.is_some() && start_time(self.pid) == self.started
+    }
+
+    /// The same process is still running (not a zombie).
+    pub fn alive(&self) -> bool {
+        self.exists() && alive(self.pid)
+    }
+
+    /// Its parent's pid, while the same process is there.
+    pub fn parent(&self) -> Option<i32> {
+        if self.exists() { parent(self.pid) } else { None }
+    }
+}
+
+/// When `pid` started: `/proc/PID/stat`'s 22nd field.
+fn start_time(pid: i32) -> Option<u64> {
+    stat_after_name(pid)?.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// `/proc/PID/stat` after the `(name) `: the state, then the parent's pid, and so on.
 fn stat_after_name(pid: i32) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
