@@ -70,28 +70,29 @@ pub struct Seen {
 impl Seen {
     /// Process `pid` as it is now.
     pub fn now(pid: i32) -> Seen {
-        Seen { pid, started: start_time(pid) }
+        Seen { pid, started: stat_after_name(pid).as_deref().and_then(start_time) }
     }
 
-    /// The same process is still there, running or a zombie.
-    pub fn exists(&self) -> bool {
-        self.started.is_some() && start_time(self.pid) == self.started
+    /// Its `/proc/PID/stat` after the name, read once, while the pid is still this process's.
+    fn stat(&self) -> Option<String> {
+        let rest = stat_after_name(self.pid)?;
+        (self.started.is_some() && start_time(&rest) == self.started).then_some(rest)
     }
 
     /// The same process is still running (not a zombie).
     pub fn alive(&self) -> bool {
-        self.exists() && alive(self.pid)
+        self.stat().is_some_and(|rest| !rest.starts_with('Z'))
     }
 
-    /// Its parent's pid, while the same process is there.
+    /// Its parent's pid, while the same process is there (running or a zombie).
     pub fn parent(&self) -> Option<i32> {
-        if self.exists() { parent(self.pid) } else { None }
+        self.stat()?.split_whitespace().nth(1)?.parse().ok()
     }
 }
 
-/// When `pid` started: `/proc/PID/stat`'s 22nd field.
-fn start_time(pid: i32) -> Option<u64> {
-    stat_after_name(pid)?.split_whitespace().nth(19)?.parse().ok()
+/// When a process started, from its `/proc/PID/stat` after the name: the file's 22nd field.
+fn start_time(after_name: &str) -> Option<u64> {
+    after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// `/proc/PID/stat` after the `(name) `: the state, then the parent's pid, and so on.
