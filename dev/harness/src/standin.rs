@@ -14,6 +14,7 @@ use miden_proving_service::proto::worker_status_api_server::{
     WorkerStatusApi, WorkerStatusApiServer,
 };
 use miden_proving_service::proto::{Proof, ProofRequest, ProofType, WorkerStatus};
+use miden_proving_service::wire;
 use tonic::{Request, Response, Status};
 
 /// A stand-in worker's shared state.
@@ -189,6 +190,16 @@ pub async fn start_answering(
     start_at(bind, version, delay, answer, None).await
 }
 
+/// A tonic server with a worker's HTTP/2 flow-control windows and frame size, so that a request
+/// reaches a stand-in in the frames it would reach a worker in (one 1 MiB frame, not seven of
+/// HTTP/2's default 16 KiB for 109 KB).
+fn server_like_a_worker() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(wire::WORKER_STREAM_WINDOW))
+        .initial_connection_window_size(Some(wire::WORKER_CONNECTION_WINDOW))
+        .max_frame_size(Some(wire::MAX_FRAME_SIZE))
+}
+
 /// Starts a stand-in transaction worker as [`start_answering`] does, listening on `bind` (a rig
 /// host's address) and, with `tls` (PEM certificate chain and key), serving TLS.
 pub async fn start_at(
@@ -203,7 +214,7 @@ pub async fn start_at(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     let worker = StandIn::new(version, delay, None, answer);
-    let mut server = tonic::transport::Server::builder();
+    let mut server = server_like_a_worker();
     if let Some((cert, key)) = tls {
         let identity = tonic::transport::Identity::from_pem(cert, key);
         server = server
@@ -258,7 +269,7 @@ pub async fn start_mortal(
         // The listener is dropped here: connecting is refused from now on.
     });
     tokio::spawn(
-        tonic::transport::Server::builder()
+        server_like_a_worker()
             .add_service(ApiServer::new(worker.clone()).max_decoding_message_size(1 << 26))
             .add_service(WorkerStatusApiServer::new(worker.clone()))
             .add_service(health_service)
