@@ -8,14 +8,16 @@
 //! `BENCH_CPU_LATENCY_US=0` holds the machine's CPU wake-up latency limit for the run
 //! (`harness::machine`), so that the figures show the proxy rather than the VM's wake-ups.
 //!
-//! - `fake`: STAND-IN workers (in this process; they speak the worker's gRPC, answer after a fixed
-//!   50 ms and refuse a second request while busy, like a worker) — 8 of them, 109 KB payloads.
-//!   Added latency: 8 clients through the proxy against 8 clients calling the workers directly
-//!   (one each, no queueing either way). Throughput: 64 clients through the proxy, ≥ 2,000
+//! - `fake`: STAND-IN workers (in this process; they speak the worker's gRPC with its HTTP/2
+//!   windows and frame size, answer after a fixed 50 ms and refuse a second request while busy,
+//!   like a worker) — 8 of them, 109 KB payloads. Added latency: 8 clients through the proxy
+//!   against 8 clients calling the workers directly (one each, no queueing either way), in five
+//!   rounds of 40 requests a client taken in turn. Throughput: 64 clients through the proxy, ≥ 2,000
 //!   requests, against the ideal 8 / 50 ms = 160 requests/s, and a stand-in's cycle split in
 //!   two: its handler's own time (the 50 ms and the sleep's overshoot), and the rest, from its
 //!   answer to its next request, with clients calling it directly and through the proxy. Then
-//!   the added latency again with stand-ins that sleep on Tokio's timer and answer 1 KB.
+//!   the added latency again with stand-ins that sleep on Tokio's timer and answer 1 KB, with
+//!   109 KB requests and with 1 KB ones (what storing and forwarding a request costs).
 //! - `real`: real proofs. 4 concurrent transaction requests through the proxy and one worker
 //!   against the same 4 proofs in-process one after another (wall ratio, and the proxy's CPU
 //!   seconds from /proc); then batch proofs through the proxy against in-process (medians). The
@@ -113,6 +115,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Result of one load run.
+#[derive(Default)]
 struct Load {
     /// Latencies of the answered requests, sorted.
     latencies: Vec<Duration>,
@@ -120,6 +123,35 @@ struct Load {
     sent: usize,
     /// Wall time of the run.
     wall: Duration,
+}
+
+impl Load {
+    /// `other`'s requests and time added to these.
+    fn add(&mut self, other: Load) {
+        self.latencies.extend(other.latencies);
+        self.latencies.sort();
+        self.sent += other.sent;
+        self.wall += other.wall;
+    }
+}
+
+/// How many rounds [`in_turn`] takes of each side.
+const ROUNDS: usize = 5;
+
+/// [`ROUNDS`] rounds of 40 requests a client on each of `sides`, taken in turn (A B A B …) so
+/// that the machine's drift over the run reaches every side alike; each side's rounds pooled.
+async fn in_turn<const N: usize>(
+    sides: [Vec<SocketAddr>; N],
+    payload_bytes: usize,
+    deadline: Duration,
+) -> [Load; N] {
+    let mut loads = std::array::from_fn(|_| Load::default());
+    for _ in 0..ROUNDS {
+        for (side, load) in sides.iter().zip(&mut loads) {
+            load.add(run_load_sized(side.clone(), 40, deadline, None, payload_bytes).await);
+        }
+    }
+    loads
 }
 
 /// Numbers the requests of every load run, so that no two are the same.
@@ -138,7 +170,18 @@ async fn run_load_over(
     deadline: Duration,
     ca: Option<Vec<u8>>,
 ) -> Load {
-    let request = request(ProofType::Transaction, vec![1; PAYLOAD_BYTES]);
+    run_load_sized(targets, per_client, deadline, ca, PAYLOAD_BYTES).await
+}
+
+/// [`run_load_over`] with payloads of `payload_bytes` (at least 8: each carries its number).
+async fn run_load_sized(
+    targets: Vec<SocketAddr>,
+    per_client: usize,
+    deadline: Duration,
+    ca: Option<Vec<u8>>,
+    payload_bytes: usize,
+) -> Load {
+    let request = request(ProofType::Transaction, vec![1; payload_bytes]);
     let started = Instant::now();
     let end = tokio::time::Instant::now() + deadline;
     let mut tasks = Vec::new();
@@ -213,7 +256,8 @@ async fn fake() {
     let before = handler_time(&standins);
     let direct = run_load(workers.clone(), 40, deadline).await;
     let direct_cycle = cycle(&standins, before, &direct);
-    let through = run_load(vec![proxy.daemon.addr; 8], 40, deadline).await;
+    let [direct, through] =
+        in_turn([workers.clone(), vec![proxy.daemon.addr; 8]], PAYLOAD_BYTES, deadline).await;
     let cpu_before = cpu_seconds(proxy.daemon.pid);
     let before = handler_time(&standins);
     let loaded = run_load(vec![proxy.daemon.addr; 64], 2_048 / 64, deadline).await;
@@ -248,32 +292,39 @@ async fn fake() {
 }
 
 /// The added latency of [`fake`] again, with stand-ins that sleep on Tokio's timer and answer
-/// 1 KB: the proxy's hop with the least payload to carry, and a bare TCP relay's beside it.
+/// 1 KB: the proxy's hop with the least answer to carry, and a bare TCP relay's beside it; first
+/// with the benchmark's 109 KB requests, then with 1 KB requests, which the proxy takes whole
+/// before it forwards them (it hashes and admits a request before any worker sees it), so the
+/// difference is what storing and forwarding the larger request costs.
 async fn small_answers(deadline: Duration) {
     let workers = start_fake_workers_answering(8, env!("CARGO_PKG_VERSION"), Answer::Small).await;
     let mut proxy = harness::Launch::proxy_for("transaction", &workers).start_proxy().await;
     proxy.wait_healthy(8, 8).await;
     let relays = start_relays(&workers);
-    let direct = run_load(workers.clone(), 40, deadline).await;
-    let through = run_load(vec![proxy.daemon.addr; 8], 40, deadline).await;
-    let relayed = run_load(relays, 40, deadline).await;
-    println!("## fake workers on Tokio's timer (8 × {FAKE_DELAY:?}, 1 KB answers)");
-    println!("| rig | answered | throughput | p50 | p99 |");
-    println!("|---|---|---|---|---|");
-    report("8 clients → workers directly", &direct);
-    report("8 clients → proxy", &through);
-    report("8 clients → bare TCP relays → workers", &relayed);
-    let added = |load: &Load| {
-        (
-            ms(percentile(&load.latencies, 0.5)) - ms(percentile(&direct.latencies, 0.5)),
-            ms(percentile(&load.latencies, 0.99)) - ms(percentile(&direct.latencies, 0.99)),
-        )
-    };
-    let ((proxy_p50, proxy_p99), (relay_p50, relay_p99)) = (added(&through), added(&relayed));
-    println!(
-        "added by the proxy (8 clients, 1 KB answers): p50 {proxy_p50:.2} ms, p99 {proxy_p99:.2} ms; \
-         by a bare TCP relay: p50 {relay_p50:.2} ms, p99 {relay_p99:.2} ms"
-    );
+    for request_bytes in [PAYLOAD_BYTES, 1_000] {
+        let sides = [workers.clone(), vec![proxy.daemon.addr; 8], relays.clone()];
+        let [direct, through, relayed] = in_turn(sides, request_bytes, deadline).await;
+        println!(
+            "## fake workers on Tokio's timer (8 × {FAKE_DELAY:?}, {request_bytes} B requests, 1 KB answers)"
+        );
+        println!("| rig | answered | throughput | p50 | p99 |");
+        println!("|---|---|---|---|---|");
+        report("8 clients → workers directly", &direct);
+        report("8 clients → proxy", &through);
+        report("8 clients → bare TCP relays → workers", &relayed);
+        let added = |load: &Load| {
+            (
+                ms(percentile(&load.latencies, 0.5)) - ms(percentile(&direct.latencies, 0.5)),
+                ms(percentile(&load.latencies, 0.99)) - ms(percentile(&direct.latencies, 0.99)),
+            )
+        };
+        let ((proxy_p50, proxy_p99), (relay_p50, relay_p99)) = (added(&through), added(&relayed));
+        println!(
+            "added by the proxy (8 clients, {request_bytes} B requests, 1 KB answers): p50 \
+             {proxy_p50:.2} ms, p99 {proxy_p99:.2} ms; by a bare TCP relay: p50 {relay_p50:.2} ms, \
+             p99 {relay_p99:.2} ms"
+        );
+    }
 }
 
 /// A bare TCP relay in front of each of `workers`, on a runtime of its own with two threads like
