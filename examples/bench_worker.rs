@@ -1,7 +1,10 @@
 //! Benchmark: the cost of the worker's gRPC path over proving in-process. For a transaction and a
 //! batch, proves the same input in-process and through a worker process on loopback, taking the
 //! two in turn, and prints the medians side by side with their ratio. The worker proves each in a
-//! prover process of its own, so this is contained against in-process proving.
+//! prover process of its own, so this is contained against in-process proving. For the
+//! transaction it also prints the geometric mean of the pairs' ratios with its 95 % interval, and
+//! each side's CPU time (user and system): the benchmark's own while it proves, and the worker's
+//! with its reaped prover processes.
 //!
 //! ```sh
 //! cargo build --locked --bins --examples && target/debug/examples/bench_worker [TX_RUNS] [BATCH_RUNS]
@@ -75,14 +78,19 @@ async fn main() -> anyhow::Result<()> {
     // Transaction: in-process and through gRPC, in turn.
     let inputs = sample.inputs[0].clone();
     let (mut local, mut remote) = (Vec::new(), Vec::new());
+    // CPU seconds of each side: this process's while it proves, and the worker's with its reaped
+    // prover processes (each one's start-up ahead of its request included) over the whole loop.
+    let mut local_cpu = Cpu::default();
+    let worker_cpu_before = cpu_seconds(Some(tx_worker.pid), true);
     for run in 1..=tx_runs {
         // Each side starts on a quiet machine: the worker's previous prover process has been
         // torn down and its next one is ready (both happen after an answer, off the request's
         // path).
         tokio::time::sleep(SETTLE).await;
-        let started = Instant::now();
+        let (started, cpu) = (Instant::now(), cpu_seconds(None, false));
         harness::fixtures::prove_here(ProofKind::Transaction, &inputs)?;
         local.push(started.elapsed());
+        local_cpu = local_cpu + (cpu_seconds(None, false) - cpu);
         let request = tx_request(&inputs);
         tokio::time::sleep(SETTLE).await;
         let started = Instant::now();
@@ -94,6 +102,10 @@ async fn main() -> anyhow::Result<()> {
             remote[run - 1]
         );
     }
+    // The last prover process is reaped after its answer, off the request's path.
+    tokio::time::sleep(SETTLE).await;
+    let worker_cpu = cpu_seconds(Some(tx_worker.pid), true) - worker_cpu_before;
+    let pairs = paired_ratio(&local, &remote);
     let (tx_local, tx_remote) = (median(local), median(remote));
 
     // How fast a busy worker says so: a second, different request while a proof runs.
@@ -191,6 +203,24 @@ async fn main() -> anyhow::Result<()> {
             ms(remote) - ms(local),
         );
     }
+    println!(
+        "transaction, {tx_runs} pairs: worker/in-process ratio of each pair, geometric mean \
+         {:.4} (95 % interval {:.4}–{:.4}); the worker slower in {} pairs, faster in {}; CPU \
+         seconds in-process {:.2} (user {:.2}, system {:.2}), worker with its prover processes \
+         {:.2} (user {:.2}, system {:.2}): ratio {:.4}",
+        pairs.mean,
+        pairs.low,
+        pairs.high,
+        pairs.slower,
+        pairs.faster,
+        local_cpu.total(),
+        local_cpu.user,
+        local_cpu.system,
+        worker_cpu.total(),
+        worker_cpu.user,
+        worker_cpu.system,
+        worker_cpu.total() / local_cpu.total(),
+    );
     println!();
     println!(
         "| batch (2 txs) | in-process | in-process reference server (stand-in) | worker | \
@@ -210,6 +240,85 @@ async fn main() -> anyhow::Result<()> {
     }
     reference.child.kill()?;
     Ok(())
+}
+
+/// The ratio of each pair (`remote[i] / local[i]`, taken one after the other), summed up.
+struct PairedRatio {
+    /// Geometric mean of the pairs' ratios.
+    mean: f64,
+    /// The mean's 95 % interval, from the spread of the pairs' log ratios (Student's t).
+    low: f64,
+    high: f64,
+    /// Pairs in which the worker took longer, and shorter, than in-process.
+    slower: usize,
+    faster: usize,
+}
+
+fn paired_ratio(local: &[Duration], remote: &[Duration]) -> PairedRatio {
+    let logs: Vec<f64> =
+        local.iter().zip(remote).map(|(l, r)| (r.as_secs_f64() / l.as_secs_f64()).ln()).collect();
+    let n = logs.len() as f64;
+    let mean = logs.iter().sum::<f64>() / n;
+    let variance = logs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    // Student's t at 97.5 % for n − 1 degrees of freedom, near enough for 5 or more pairs.
+    let t = match logs.len() {
+        ..=5 => 2.78,
+        6..=10 => 2.26,
+        11..=20 => 2.09,
+        21..=40 => 2.02,
+        _ => 1.98,
+    };
+    let half = t * (variance / n).sqrt();
+    PairedRatio {
+        mean: mean.exp(),
+        low: (mean - half).exp(),
+        high: (mean + half).exp(),
+        slower: logs.iter().filter(|&&x| x > 0.0).count(),
+        faster: logs.iter().filter(|&&x| x < 0.0).count(),
+    }
+}
+
+/// The CPU seconds of `pid`, or of this process (`/proc/PID/stat`), user and system, with those
+/// of its reaped children when `children`.
+fn cpu_seconds(pid: Option<i32>, children: bool) -> Cpu {
+    let process = pid.map_or_else(|| "self".to_owned(), |pid| pid.to_string());
+    let stat = std::fs::read_to_string(format!("/proc/{process}/stat")).expect("stat");
+    let after_comm = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<f64> = after_comm
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|f| f.parse::<f64>().expect("ticks") / 100.0)
+        .collect();
+    let own = Cpu { user: fields[0], system: fields[1] };
+    if children { own + Cpu { user: fields[2], system: fields[3] } } else { own }
+}
+
+/// CPU seconds, user and system.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    user: f64,
+    system: f64,
+}
+
+impl Cpu {
+    fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+impl std::ops::Add for Cpu {
+    type Output = Cpu;
+    fn add(self, other: Cpu) -> Cpu {
+        Cpu { user: self.user + other.user, system: self.system + other.system }
+    }
+}
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+    fn sub(self, other: Cpu) -> Cpu {
+        Cpu { user: self.user - other.user, system: self.system - other.system }
+    }
 }
 
 fn ms(duration: Duration) -> f64 {
