@@ -126,10 +126,9 @@ struct Load {
 }
 
 impl Load {
-    /// `other`'s requests and time added to these.
+    /// `other`'s requests and time added to these (the latencies sorted again by the caller).
     fn add(&mut self, other: Load) {
         self.latencies.extend(other.latencies);
-        self.latencies.sort();
         self.sent += other.sent;
         self.wall += other.wall;
     }
@@ -150,6 +149,9 @@ async fn in_turn<const N: usize>(
         for (side, load) in sides.iter().zip(&mut loads) {
             load.add(run_load_sized(side.clone(), 40, deadline, None, payload_bytes).await);
         }
+    }
+    for load in &mut loads {
+        load.latencies.sort();
     }
     loads
 }
@@ -412,18 +414,9 @@ async fn upstream() {
     let _ = child.wait();
 }
 
-/// utime + stime of a process, in seconds (from /proc; clock ticks are 100 Hz on Linux).
+/// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: i32) -> f64 {
-    stat_seconds(pid, 11..13)
-}
-
-/// The sum of the `/proc/PID/stat` clock-tick fields in `fields` (counted after the command
-/// name: 11 utime, 12 stime, 13 cutime, 14 cstime), in seconds.
-fn stat_seconds(pid: i32, fields: std::ops::Range<usize>) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let after_comm = &stat[stat.rfind(')').expect("comm") + 2..];
-    let all: Vec<&str> = after_comm.split_whitespace().collect();
-    all[fields].iter().map(|f| f.parse::<f64>().expect("ticks")).sum::<f64>() / 100.0
+    harness::procfs::CpuTimes::of(pid).total()
 }
 
 async fn real() {
@@ -527,7 +520,7 @@ async fn batch_only() {
 /// utime + stime of a process and of its waited-for children (a worker's prover processes),
 /// in seconds.
 fn cpu_seconds_with_children(pid: i32) -> f64 {
-    stat_seconds(pid, 11..15)
+    harness::procfs::CpuTimes::of(pid).with_children()
 }
 
 // One benchmark's story, printed as it goes.

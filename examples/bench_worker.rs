@@ -26,6 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use harness::procfs::CpuTimes;
 use harness::requests::{request, tx_request};
 use miden_objects::MIN_PROOF_SECURITY_LEVEL;
 use miden_objects::batch::ProposedBatch;
@@ -278,20 +279,16 @@ fn paired_ratio(local: &[Duration], remote: &[Duration]) -> PairedRatio {
     }
 }
 
-/// The CPU seconds of `pid`, or of this process (`/proc/PID/stat`), user and system, with those
-/// of its reaped children when `children`.
+/// The CPU seconds of `pid`, or of this process, user and system, with those of its reaped
+/// children when `children`.
 fn cpu_seconds(pid: Option<i32>, children: bool) -> Cpu {
-    let process = pid.map_or_else(|| "self".to_owned(), |pid| pid.to_string());
-    let stat = std::fs::read_to_string(format!("/proc/{process}/stat")).expect("stat");
-    let after_comm = &stat[stat.rfind(')').expect("comm") + 2..];
-    let fields: Vec<f64> = after_comm
-        .split_whitespace()
-        .skip(11)
-        .take(4)
-        .map(|f| f.parse::<f64>().expect("ticks") / 100.0)
-        .collect();
-    let own = Cpu { user: fields[0], system: fields[1] };
-    if children { own + Cpu { user: fields[2], system: fields[3] } } else { own }
+    let times = pid.map_or_else(CpuTimes::own, CpuTimes::of);
+    let own = Cpu { user: times.user, system: times.system };
+    if children {
+        own + Cpu { user: times.children_user, system: times.children_system }
+    } else {
+        own
+    }
 }
 
 /// CPU seconds, user and system.

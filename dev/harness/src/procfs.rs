@@ -96,6 +96,45 @@ fn start_time(after_name: &str) -> Option<u64> {
 }
 
 /// `/proc/PID/stat` after the `(name) `: the state, then the parent's pid, and so on.
+/// CPU seconds of a process (`/proc/PID/stat`; clock ticks are 100 Hz on Linux): its own, and
+/// its reaped children's.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuTimes {
+    pub user: f64,
+    pub system: f64,
+    pub children_user: f64,
+    pub children_system: f64,
+}
+
+impl CpuTimes {
+    /// Of `pid`, which must exist.
+    pub fn of(pid: i32) -> CpuTimes {
+        let stat = stat_after_name(pid).expect("the process's /proc stat");
+        let ticks: Vec<f64> = stat
+            .split_whitespace()
+            .skip(11)
+            .take(4)
+            .map(|f| f.parse::<f64>().expect("clock ticks") / 100.0)
+            .collect();
+        CpuTimes { user: ticks[0], system: ticks[1], children_user: ticks[2], children_system: ticks[3] }
+    }
+
+    /// Of this process.
+    pub fn own() -> CpuTimes {
+        CpuTimes::of(i32::try_from(std::process::id()).expect("a pid fits i32"))
+    }
+
+    /// Its own user and system seconds.
+    pub fn total(&self) -> f64 {
+        self.user + self.system
+    }
+
+    /// Its own and its reaped children's, user and system.
+    pub fn with_children(&self) -> f64 {
+        self.total() + self.children_user + self.children_system
+    }
+}
+
 fn stat_after_name(pid: i32) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     Some(stat.rsplit_once(") ")?.1.to_owned())
